@@ -352,10 +352,10 @@ class ResNet(nn.Module):
     """torchvision's ResNet (same parameter names, same initialisation) without the classifier,
     with a base width and a CIFAR stem. forward returns the pooled, flattened features."""
 
-    def __init__(self, block, layers, width=64, stem="cifar"):
+    def __init__(self, block, layers, width=64, stem="cifar", stem_padding=1):
         super().__init__()
         if stem == "cifar":  # 3x3 stride-1 conv, no max-pool (SimCLR's CIFAR variant)
-            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False)
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -390,9 +390,11 @@ ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4,
          "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
 
-def build_backbone(arch="resnet18", stem="cifar", width=64):
+def build_backbone(arch="resnet18", stem="cifar", width=64, stem_padding=1):
     """A ResNet without its classifier that returns pooled features; `.out_dim` is their size
-    (8 * width for ResNet-18/34, 32 * width for ResNet-50). width = 64 is the standard ResNet."""
+    (8 * width for ResNet-18/34, 32 * width for ResNet-50). width = 64 is the standard ResNet.
+    stem_padding: padding of the CIFAR stem's 3x3 convolution (Nozawa & Sato used 3, the
+    NNCLR/solo-learn code 2; 1 keeps the feature maps at the input size)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     if stem not in ("cifar", "imagenet"):
@@ -400,7 +402,13 @@ def build_backbone(arch="resnet18", stem="cifar", width=64):
     if width < 1:
         raise ValueError(f"width must be positive, got {width}")
     block, layers = ARCHS[arch]
-    return ResNet(block, layers, width=width, stem=stem)
+    return ResNet(block, layers, width=width, stem=stem, stem_padding=stem_padding)
+
+
+def backbone_from_args(args):
+    """The backbone a training script built, from its arguments (`ckpt["args"]`, a dict)."""
+    return build_backbone(args.get("arch", "resnet18"), args.get("stem", "cifar"), args.get("width", 64),
+                          args.get("stem_padding", 1))
 
 
 # ------------------------------------------------------------------------------------------------

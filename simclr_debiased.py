@@ -61,6 +61,7 @@ def build_parser():
     g.add_argument("--arch", default="resnet50", choices=list(common.ARCHS), help="backbone")
     g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 stride-1 conv, no max-pool")
     g.add_argument("--width", type=int, default=64, help="base channels of the ResNet (64 = standard; 8-16 for CPU runs)")
+    g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's 3x3 conv (3 reproduces Nozawa & Sato)")
     g.add_argument("--hidden_dim", type=int, default=512, help="hidden size of the projection head")
     g.add_argument("--feature_dim", type=int, default=128, help="projection (loss) dimension")
     g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True,
@@ -127,9 +128,9 @@ def check_args(parser, args):
 class SimCLR(nn.Module):
     """Backbone (CIFAR-stem ResNet) and projection head d -> hidden (no bias) -> BN -> ReLU -> 128."""
 
-    def __init__(self, arch="resnet50", stem="cifar", width=64, hidden_dim=512, feature_dim=128):
+    def __init__(self, arch="resnet50", stem="cifar", width=64, hidden_dim=512, feature_dim=128, stem_padding=1):
         super().__init__()
-        self.backbone = common.build_backbone(arch, stem, width)
+        self.backbone = common.build_backbone(arch, stem, width, stem_padding)
         self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, hidden_dim, bias=False),
                                        nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                                        nn.Linear(hidden_dim, feature_dim))
@@ -137,6 +138,13 @@ class SimCLR(nn.Module):
     def forward(self, x1, x2):
         # Each view passes on its own, as in the original code: BatchNorm statistics per view.
         return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+
+
+def build_model(args):
+    """The model of a run from its arguments (a Namespace or `ckpt["args"]`); evaluation scripts
+    rebuild checkpoints with it. `.backbone` gives the features, `.projector` the loss embedding."""
+    a = args if isinstance(args, dict) else vars(args)
+    return SimCLR(a["arch"], a["stem"], a["width"], a["hidden_dim"], a["feature_dim"], a.get("stem_padding", 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +347,7 @@ def train(args, explicit=()):
                                f"{args.batch_size}; lower --batch_size or raise --subset")
     loader = common.train_loader(train_set, per_rank_batch, dist_info, args.workers, args.seed)
 
-    model = SimCLR(args.arch, args.stem, args.width, args.hidden_dim, args.feature_dim).to(device)
+    model = build_model(args).to(device)
     if dist_info.world_size > 1 and args.sync_bn:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
