@@ -13,6 +13,7 @@ one line on stderr and exit status 2 (`exit_on_user_error`).
 import argparse
 import contextlib
 import csv
+import importlib
 import json
 import math
 import os
@@ -741,6 +742,42 @@ def load_checkpoint(path, script=None, keys=("args", "epoch", "backbone")):
     if script is not None and ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}, not {script}")
     return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the model a training script saved, with its weights, in eval mode, on the CPU.
+
+    Every training script exposes `build_model(args)`, whose model has `.backbone` (the features)
+    and `.projector` (the embedding the loss saw); the script is imported by the name stored in
+    the checkpoint, so this works for every script of the project."""
+    name = os.path.splitext(os.path.basename(ckpt["script"]))[0]
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"the checkpoint was written by {ckpt['script']}, which cannot be imported here") from None
+    if not hasattr(module, "build_model"):
+        raise UserError(f"{ckpt['script']} has no build_model(args); cannot rebuild its checkpoints")
+    model = module.build_model(ckpt["args"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(f"the checkpoint's weights do not fit {ckpt['script']}'s model: {str(err).splitlines()[0]}") from None
+    return model.eval()
+
+
+def eval_datasets(args, train_augment=False, data_dir=None):
+    """The labelled (train, test) image sets of a run, from its arguments (`ckpt["args"]`):
+    test images plain; train images plain or, with `train_augment`, under the run's own SimCLR
+    augmentation (one view). `test` is None for a folder without `test/`. Items: (image, label)."""
+    dataset, root = args["dataset"], data_dir or args["data_dir"]
+    normalize = resolve_normalization(args.get("norm", "cifar10"), dataset)
+    crop = args.get("crop_size", 32)
+    plain = eval_transform(normalize, size=crop if dataset == "folder" else None)
+    augment = train_transform(crop, blur_p=args.get("blur_p", 0.5), normalize=normalize)
+    train = build_dataset(dataset, root, "train", augment if train_augment else plain)
+    if num_classes(train) == 0:
+        raise UserError(f"the training images of {root} have no labels (expected {root}/train/<class>/*)")
+    return train, build_dataset(dataset, root, "test", plain)
 
 
 def explicit_flags(parser, argv):

@@ -42,7 +42,11 @@ def test_first_epoch_writes_run_directory(first_epoch):
     for key in ("model", "optimizer", "scaler", "rng"):
         assert key in ckpt
     backbone = common.build_backbone(ckpt["args"]["arch"], ckpt["args"]["stem"], ckpt["args"]["width"])
-    backbone.load_state_dict(ckpt["backbone"])  # what linear_eval.py does
+    backbone.load_state_dict(ckpt["backbone"])
+    model = common.model_from_checkpoint(ckpt)  # what the evaluation scripts do
+    assert torch.equal(model.backbone.conv1.weight, ckpt["backbone"]["conv1.weight"]) and not model.training
+    train, test = common.eval_datasets(ckpt["args"], train_augment=True)
+    assert len(train) == 10000 and len(test) == 2000 and model.projector(model.backbone(train[0][0][None])).shape == (1, 128)
 
 
 def test_resume_continues_exactly(first_epoch, tmp_path, cifar_dir):
