@@ -663,6 +663,16 @@ def knn_predict(features, bank, bank_labels, num_classes, k=200, temperature=0.1
     return torch.cat(scores)
 
 
+def class_means(features, labels, num_classes):
+    """[C, D] means of the L2-normalised features of each class, NOT re-normalised: Nozawa &
+    Sato's mean classifier scores a point by normalize(z) . mu_c, so a class whose features spread
+    out gets a shorter mean. A class without examples gets a zero mean."""
+    z = F.normalize(features, dim=1)
+    sums = z.new_zeros(num_classes, z.shape[1]).index_add_(0, labels, z)
+    counts = torch.bincount(labels, minlength=num_classes).to(z.dtype).clamp(min=1)
+    return sums / counts[:, None]
+
+
 def topk_correct(scores, labels, ks=(1, 5)):
     """Number of rows whose label is among the top-k scores, for each k (k capped at the number of
     classes)."""

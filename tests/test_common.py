@@ -209,3 +209,12 @@ def test_explicit_flags_and_resume_args():
         common.resume_args(args, saved, {"epochs", "knn_k"}, may_change={"epochs"})
     merged = common.resume_args(args, saved, {"epochs"}, may_change={"epochs"})
     assert merged.epochs == 9 and merged.arch == "resnet18" and merged.knn_k == 200
+
+
+def test_class_means_are_not_renormalised():
+    features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, -1.0], [1.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    means = common.class_means(features, labels, 3)
+    s = 2 ** -0.5
+    expected = torch.tensor([[0.5, 0.5], [s / 2, (s - 1) / 2], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(means, expected)
