@@ -200,15 +200,26 @@ def num_classes(dataset):
     return max(len(dataset.classes), max(labels) + 1 if labels else 0)
 
 
+def evenly_spaced(total, n):
+    """n indices evenly spaced through range(total): every class of a class-sorted folder keeps its
+    share. n = 0 or n >= total keeps everything."""
+    if not n or n >= total:
+        return list(range(total))
+    return [i * total // n for i in range(n)]
+
+
 def subset(dataset, n):
-    """A deterministic subset of n images, evenly spaced through the data set, so that every class
-    of a class-sorted image folder is represented. n = 0 or n >= len keeps everything."""
+    """A deterministic subset of n items, evenly spaced through the data set (`evenly_spaced`),
+    keeping `.targets`, `.classes` and `.collate_fn`. n = 0 or n >= len keeps the data set itself."""
     if not n or n >= len(dataset):
         return dataset
-    indices = [i * len(dataset) // n for i in range(n)]
+    indices = evenly_spaced(len(dataset), n)
     part = Subset(dataset, indices)
-    part.targets = [dataset.targets[i] for i in indices]
-    part.classes = dataset.classes
+    for name in ("classes", "collate_fn"):
+        if hasattr(dataset, name):
+            setattr(part, name, getattr(dataset, name))
+    if hasattr(dataset, "targets"):
+        part.targets = [dataset.targets[i] for i in indices]
     return part
 
 
@@ -560,23 +571,41 @@ def gather_rng_states():
 # Loaders
 # ------------------------------------------------------------------------------------------------
 
-def train_loader(dataset, batch_size, dist_info, workers, seed):
+@contextlib.contextmanager
+def main_process_first(dist_info):
+    """Rank 0 runs the block first (a download, a cache), then the other ranks. The barrier sits in
+    a `finally`, so an error on rank 0 does not leave the others waiting: they run the block
+    themselves and meet the same error."""
+    if dist_info.world_size > 1 and not dist_info.is_main:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if dist_info.world_size > 1 and dist_info.is_main:
+            dist.barrier()
+
+
+def train_loader(dataset, batch_size, dist_info, workers, seed, collate_fn=None):
     """Shuffled, drop_last loader of `batch_size` per process. A DistributedSampler is used in a
     single process too, so that the order depends only on (seed, epoch): call
-    `loader.sampler.set_epoch(epoch)` every epoch."""
+    `loader.sampler.set_epoch(epoch)` every epoch. `collate_fn` defaults to the data set's own
+    `collate_fn` attribute if it has one (text: padding), else PyTorch's default."""
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                  shuffle=True, seed=seed, drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=dist_info.device.type == "cuda", drop_last=True)
+                      pin_memory=dist_info.device.type == "cuda", drop_last=True,
+                      collate_fn=collate_fn or getattr(dataset, "collate_fn", None))
 
 
-def eval_loader(dataset, batch_size, workers, device, dist_info=None):
+def eval_loader(dataset, batch_size, workers, device, dist_info=None, collate_fn=None):
     """In-order loader. With `dist_info`, each rank gets every world_size-th item (no padding, no
-    duplicates); `gather_in_order` puts the pieces back together."""
+    duplicates); `gather_in_order` puts the pieces back together. `collate_fn` defaults to the
+    data set's own `collate_fn` attribute if it has one (text: padding), else PyTorch's default."""
+    collate_fn = collate_fn or getattr(dataset, "collate_fn", None)
     if dist_info is not None and dist_info.world_size > 1:
         dataset = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda")
+                      pin_memory=device.type == "cuda", collate_fn=collate_fn)
 
 
 @torch.no_grad()
@@ -633,15 +662,16 @@ def larc_(optimizer, trust_coefficient=1e-3, eps=1e-8):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(encoder, loader, device, precision="fp32", progress=None):
+def extract_features(encoder, loader, device, precision="fp32", progress=None, normalize=True):
     """L2-normalised float32 features and labels of every item of `loader`. Inputs may be
-    (image, label) or (image, ..., label, index) as long as image comes first and label second."""
+    (image, label) or (image, ..., label, index) as long as image comes first and label second.
+    normalize=False returns the raw features (a linear probe trains on those)."""
     features, labels = [], []
     for batch in loader:
         images, targets = batch[0], batch[1]
         with autocast(device, precision):
             out = encoder(images.to(device, non_blocking=True))
-        features.append(F.normalize(out.float(), dim=1))
+        features.append(F.normalize(out.float(), dim=1) if normalize else out.float())
         labels.append(torch.as_tensor(targets).to(device))
         if progress is not None:
             progress.update(1)
@@ -719,21 +749,34 @@ def progress_bar(total, desc, enabled):
 # Run directory: args, checkpoints, metrics
 # ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(state, path):
-    """Write atomically: to a temporary file in the same folder, then os.replace, so a crash never
-    leaves a truncated checkpoint behind."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` (same extension); when the block succeeds it replaces
+    `path` with os.replace, otherwise it is removed. A crash never leaves a truncated file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    root, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(directory, f".{root}.tmp{os.getpid()}{ext}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(state, path):
+    """torch.save, atomically (see atomic_path), flushed to disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text(path, text):
+    """Write a text file (JSON, CSV, Markdown) atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(text)
 
 
 def load_checkpoint(path, script=None, keys=("args", "epoch", "backbone")):
@@ -754,17 +797,23 @@ def load_checkpoint(path, script=None, keys=("args", "epoch", "backbone")):
     return ckpt
 
 
+def training_module(ckpt):
+    """The training script that wrote `ckpt`, imported by the name stored in it (None if it cannot
+    be imported here)."""
+    try:
+        return importlib.import_module(os.path.splitext(os.path.basename(ckpt["script"]))[0])
+    except ImportError:
+        return None
+
+
 def model_from_checkpoint(ckpt):
     """Rebuild the model a training script saved, with its weights, in eval mode, on the CPU.
 
     Every training script exposes `build_model(args)`, whose model has `.backbone` (the features)
-    and `.projector` (the embedding the loss saw); the script is imported by the name stored in
-    the checkpoint, so this works for every script of the project."""
-    name = os.path.splitext(os.path.basename(ckpt["script"]))[0]
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        raise UserError(f"the checkpoint was written by {ckpt['script']}, which cannot be imported here") from None
+    and `.projector` (the embedding the loss saw), so this works for every script of the project."""
+    module = training_module(ckpt)
+    if module is None:
+        raise UserError(f"the checkpoint was written by {ckpt['script']}, which cannot be imported here")
     if not hasattr(module, "build_model"):
         raise UserError(f"{ckpt['script']} has no build_model(args); cannot rebuild its checkpoints")
     model = module.build_model(ckpt["args"])
@@ -773,6 +822,16 @@ def model_from_checkpoint(ckpt):
     except RuntimeError as err:
         raise UserError(f"the checkpoint's weights do not fit {ckpt['script']}'s model: {str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+def run_datasets(ckpt, train_augment=False, data_dir=None):
+    """The labelled (train, test) sets of the run that wrote `ckpt`, for evaluation: the training
+    script's own `eval_datasets(args, train_augment, data_dir, checkpoint)` when it has one (text,
+    whose vocabulary lives in the checkpoint), else `eval_datasets` below (images)."""
+    own = getattr(training_module(ckpt), "eval_datasets", None)
+    if own is None:
+        return eval_datasets(ckpt["args"], train_augment, data_dir)
+    return own(ckpt["args"], train_augment=train_augment, data_dir=data_dir, checkpoint=ckpt)
 
 
 def eval_datasets(args, train_augment=False, data_dir=None):
@@ -790,6 +849,53 @@ def eval_datasets(args, train_augment=False, data_dir=None):
     return train, build_dataset(dataset, root, "test", plain)
 
 
+def sync_batchnorm(model, dist_info, enabled=True):
+    """SyncBatchNorm for multi-process runs (batch statistics over the global batch). PyTorch's
+    SyncBatchNorm needs GPUs, so CPU processes keep their own statistics."""
+    if dist_info.world_size == 1 or not enabled:
+        return model
+    if dist_info.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist_info.is_main:
+        print("note: SyncBatchNorm needs GPUs; on CPU each process keeps its own BN statistics")
+    return model
+
+
+def data_parallel(model, dist_info):
+    """DistributedDataParallel over the processes; the model itself in a single process."""
+    if dist_info.world_size == 1:
+        return model
+    device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def restore_training(ckpt, model, optimizer, scaler, dist_info):
+    """Load a checkpoint's model, optimizer, GradScaler and this rank's RNG state; returns the
+    number of completed epochs. RNG streams continue only with the same number of processes."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt.get("rng", [])) == dist_info.world_size:
+        set_rng_state(ckpt["rng"][dist_info.rank])
+    elif dist_info.is_main:
+        print("note: the checkpoint was written by a different number of processes; "
+              "random streams start afresh from --seed")
+    return ckpt["epoch"]
+
+
+def save_training_checkpoint(path, script, args, epoch, model, optimizer, scaler, dist_info, **extra):
+    """A training script's last.pt: args, completed epochs, the backbone alone (for evaluation), the
+    model, optimizer, GradScaler, every rank's RNG state, and `extra` entries (queues, vocabulary).
+    Every rank must call it, since the RNG states are gathered; rank 0 writes."""
+    rng = gather_rng_states()
+    if dist_info.is_main:
+        save_checkpoint({"script": script, "args": vars(args), "epoch": epoch,
+                         "backbone": model.backbone.state_dict(), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                         "world_size": dist_info.world_size, **extra}, path)
+
+
 def explicit_flags(parser, argv):
     """The destinations of the flags given on the command line (not left at their defaults)."""
     probe = type(parser)(add_help=False)
@@ -803,6 +909,27 @@ def explicit_flags(parser, argv):
                 kwargs["nargs"] = action.nargs
             probe.add_argument(*action.option_strings, **kwargs)
     return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def load_run(args, explicit, script, may_change, keys=("args", "epoch", "backbone", "model", "optimizer")):
+    """With --resume: (the resumed run's arguments, the checkpoint); without: (args, None). The
+    arguments are the checkpoint's except the flags in `may_change` given on the command line (see
+    resume_args); the run directory defaults to the checkpoint's folder."""
+    if not args.resume:
+        return args, None
+    ckpt = load_checkpoint(args.resume, script, keys)
+    resumed = resume_args(args, ckpt["args"], explicit, may_change)
+    resumed.resume = args.resume
+    if "out_dir" not in explicit:
+        resumed.out_dir = os.path.dirname(os.path.abspath(args.resume))
+    return resumed, ckpt
+
+
+def per_process_batch(batch_size, dist_info):
+    """The share of one process of the global batch (a UserError if it does not divide evenly)."""
+    if batch_size % dist_info.world_size:
+        raise UserError(f"--batch_size {batch_size} (global) is not divisible by the {dist_info.world_size} processes")
+    return batch_size // dist_info.world_size
 
 
 def resume_args(args, ckpt_args, explicit, may_change):
@@ -827,9 +954,7 @@ def _plain(value):
 
 
 def write_args(args, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True)
+    write_text(os.path.join(out_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
 
 
 class MetricsCSV:

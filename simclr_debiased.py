@@ -6,6 +6,10 @@
     torchrun --standalone --nproc_per_node 4 simclr_debiased.py --tau_plus 0.1 --beta 1.0
     python simclr_debiased.py --dataset folder --data_dir ../shared/data/cifar10 \\
         --arch resnet18 --width 16 --batch_size 128 --epochs 5 --workers 2   # CPU-sized
+    python simclr_debiased.py --dataset cifar10 --arch resnet18 --stem_padding 3 --head nozawa \\
+        --norm none --blur_p 0 --estimator easy --optimizer larc --lr 0.125 --weight_decay 1e-4 \\
+        --warmup_epochs 10 --schedule cosine --epochs 500 --negatives local \\
+        --batch_size 128 --num_chunks 4          # Nozawa & Sato's K+1 = 32 (4 GPUs x 32) on one GPU
 
 Papers: Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations"
 (ICML 2020); Chuang et al., "Debiased Contrastive Learning" (NeurIPS 2020, code chingyaoc/DCL);
@@ -26,6 +30,7 @@ the global batch (gathered with gradient) and N counts it.
 """
 import argparse
 import math
+from collections import OrderedDict
 import os
 import time
 
@@ -64,12 +69,18 @@ def build_parser():
     g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's 3x3 conv (3 reproduces Nozawa & Sato)")
     g.add_argument("--hidden_dim", type=int, default=512, help="hidden size of the projection head")
     g.add_argument("--feature_dim", type=int, default=128, help="projection (loss) dimension")
+    g.add_argument("--head", default="simclr", choices=["simclr", "nozawa"],
+                   help="projection head: simclr = Linear(d, hidden, no bias)-BN-ReLU-Linear(hidden, dim) (DCL/HCL); "
+                        "nozawa = Linear(d, hidden)-BN-ReLU-Linear(hidden, dim, no bias) (Nozawa & Sato)")
     g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True,
                    help="SyncBatchNorm across processes under torchrun (global-batch BN statistics)")
 
     g = p.add_argument_group("method")
     g.add_argument("--estimator", default="hard", choices=["hard", "easy"],
                    help="hard: DCL/HCL estimator; easy: plain SimCLR (ignores --tau_plus and --beta)")
+    g.add_argument("--debiased", action=argparse.BooleanOptionalAction, default=True,
+                   help="DCL's switch as a real boolean (the original's type=bool read 'False' as True); "
+                        "--no-debiased is plain SimCLR, the same as --estimator easy")
     g.add_argument("--temperature", type=float, default=0.5, help="softmax temperature t")
     g.add_argument("--tau_plus", type=float, default=0.1, help="class prior tau+ in [0, 1) (0: no debiasing)")
     g.add_argument("--beta", type=float, default=0.0, help="hardness beta >= 0 (0: DCL; 1: HCL's best on STL-10)")
@@ -77,6 +88,10 @@ def build_parser():
                    help="down: beta follows linspace(beta, 0, 9), one step every epochs//9 epochs (HCL)")
     g.add_argument("--negatives", default="global", choices=["global", "local"],
                    help="under torchrun: global = the gathered batch of all processes; local = each process's own batch")
+    g.add_argument("--num_chunks", type=int, default=1,
+                   help="split each process's batch into N chunks, each with its own loss and negatives (K+1 = batch / N) "
+                        "while BatchNorm sees the whole batch: one device standing in for N GPUs x K+1 with SyncBN "
+                        "(needs --negatives local)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=400, help="total epochs (0: only evaluate the initial model)")
@@ -112,13 +127,19 @@ def check_args(parser, args):
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.batch_size < 2:
         parser.error(f"--batch_size must be >= 2 (each image needs a negative), got {args.batch_size}")
-    for name in ("epochs", "subset", "workers", "eval_every", "knn_k"):
+    for name in ("epochs", "subset", "workers", "eval_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.knn_k < 1 or args.knn_t <= 0:
+        parser.error(f"--knn_k must be >= 1 and --knn_t > 0, got {args.knn_k} and {args.knn_t}")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or not 0 <= args.blur_p <= 1:
         parser.error("--lr must be > 0, --weight_decay and --warmup_epochs >= 0, --blur_p in [0, 1]")
     if args.train_split and args.dataset != "stl10" and args.train_split != "train":
         parser.error(f"--train_split {args.train_split} exists only for --dataset stl10")
+    if args.num_chunks < 1:
+        parser.error(f"--num_chunks must be >= 1, got {args.num_chunks}")
+    if args.num_chunks > 1 and args.negatives != "local":
+        parser.error("--num_chunks > 1 gives each chunk its own negatives: add --negatives local")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,14 +147,25 @@ def check_args(parser, args):
 # ------------------------------------------------------------------------------------------------
 
 class SimCLR(nn.Module):
-    """Backbone (CIFAR-stem ResNet) and projection head d -> hidden (no bias) -> BN -> ReLU -> 128."""
+    """Backbone (CIFAR-stem ResNet) and projection head d -> hidden (no bias) -> BN -> ReLU -> 128,
+    or with head="nozawa" d -> hidden (bias) -> BN -> ReLU -> 128 (no bias)."""
 
-    def __init__(self, arch="resnet50", stem="cifar", width=64, hidden_dim=512, feature_dim=128, stem_padding=1):
+    def __init__(self, arch="resnet50", stem="cifar", width=64, hidden_dim=512, feature_dim=128, stem_padding=1,
+                 head="simclr"):
         super().__init__()
         self.backbone = common.build_backbone(arch, stem, width, stem_padding)
-        self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, hidden_dim, bias=False),
-                                       nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                                       nn.Linear(hidden_dim, feature_dim))
+        if head == "nozawa":
+            # Their ProjectionHead, with their module names: "bn1" keeps the head's BN out of the
+            # weight decay under --optimizer larc, as their name filter did.
+            self.projector = nn.Sequential(OrderedDict([
+                ("linear1", nn.Linear(self.backbone.out_dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)),
+                ("relu1", nn.ReLU(inplace=True)), ("linear2", nn.Linear(hidden_dim, feature_dim, bias=False))]))
+        elif head == "simclr":
+            self.projector = nn.Sequential(nn.Linear(self.backbone.out_dim, hidden_dim, bias=False),
+                                           nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                           nn.Linear(hidden_dim, feature_dim))
+        else:
+            raise ValueError(f"unknown head {head!r}; choose simclr or nozawa")
 
     def forward(self, x1, x2):
         # Each view passes on its own, as in the original code: BatchNorm statistics per view.
@@ -144,7 +176,8 @@ def build_model(args):
     """The model of a run from its arguments (a Namespace or `ckpt["args"]`); evaluation scripts
     rebuild checkpoints with it. `.backbone` gives the features, `.projector` the loss embedding."""
     a = args if isinstance(args, dict) else vars(args)
-    return SimCLR(a["arch"], a["stem"], a["width"], a["hidden_dim"], a["feature_dim"], a.get("stem_padding", 1))
+    return SimCLR(a["arch"], a["stem"], a["width"], a["hidden_dim"], a["feature_dim"], a.get("stem_padding", 1),
+                  a.get("head", "simclr"))  # .get: checkpoints from before the flag existed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +264,20 @@ def contrastive_loss(z1, z2, temperature=0.5, tau_plus=0.0, beta=0.0, estimator=
     return contrastive_loss_terms(z1, z2, temperature, tau_plus, beta, estimator, gather)[0].mean()
 
 
+def chunked_loss_terms(z1, z2, num_chunks=1, temperature=0.5, tau_plus=0.0, beta=0.0, estimator="hard", gather=True):
+    """`contrastive_loss_terms` on each of `num_chunks` equal slices of the batch, each slice its
+    own negatives (never gathered): K+1 = b / num_chunks. The mean of the returned per-anchor
+    losses is the mean of the chunk losses, which is what DDP's gradient averaging gives on
+    num_chunks GPUs that each compute their own loss (Nozawa & Sato's 4 x K+1)."""
+    if num_chunks == 1:
+        return contrastive_loss_terms(z1, z2, temperature, tau_plus, beta, estimator, gather)
+    if z1.shape[0] % num_chunks or z1.shape[0] // num_chunks < 2:
+        raise ValueError(f"a batch of {z1.shape[0]} does not split into {num_chunks} chunks of >= 2")
+    pieces = [contrastive_loss_terms(a, b, temperature, tau_plus, beta, estimator, gather=False)
+              for a, b in zip(z1.chunk(num_chunks), z2.chunk(num_chunks))]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
 def beta_for_epoch(beta, epoch, epochs, anneal):
     """HCL's `--anneal down`: after every epochs//9-th epoch beta takes the next value of
     linspace(beta, 0, 9) (the first is beta itself). `epoch` counts from 0."""
@@ -261,7 +308,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, epoch, beta, dist_in
     model.train()
     device, steps = dist_info.device, len(loader)
     bar = common.progress_bar(steps, f"epoch {epoch + 1}/{args.epochs}", dist_info.is_main)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, clamped anchors, anchors
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss, clamped anchors
     lr = args.lr
     for step, (x1, x2, _, _) in enumerate(loader):
         lr = common.learning_rate(args.lr, epoch + step / steps, args.epochs, args.warmup_epochs, args.schedule)
@@ -270,8 +317,9 @@ def train_one_epoch(model, loader, optimizer, scaler, args, epoch, beta, dist_in
         x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         with common.autocast(device, precision):
             z1, z2 = model(x1, x2)
-        terms, clamped = contrastive_loss_terms(z1, z2, args.temperature, args.tau_plus, beta, args.estimator,
-                                                gather=args.negatives == "global")
+        estimator = args.estimator if args.debiased else "easy"
+        terms, clamped = chunked_loss_terms(z1, z2, args.num_chunks, args.temperature, args.tau_plus, beta, estimator,
+                                            gather=args.negatives == "global")
         loss = terms.mean()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -280,7 +328,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, epoch, beta, dist_in
             common.larc_(optimizer)
         scaler.step(optimizer)
         scaler.update()
-        sums += torch.stack([loss.detach().double(), clamped.sum().double(), torch.tensor(float(clamped.numel()), device=device, dtype=torch.float64)])
+        sums += torch.stack([loss.detach().double(), clamped.sum().double()])
         if bar is not None:
             bar.update(1)
             if step % 10 == 0 or step == steps - 1:
@@ -289,7 +337,8 @@ def train_one_epoch(model, loader, optimizer, scaler, args, epoch, beta, dist_in
         bar.close()
     if dist_info.world_size > 1:
         dist.all_reduce(sums)
-    return {"loss": sums[0].item() / (steps * dist_info.world_size), "clamped_fraction": sums[1].item() / sums[2].item(),
+    anchors = steps * dist_info.world_size * 2 * loader.batch_size
+    return {"loss": sums[0].item() / (steps * dist_info.world_size), "clamped_fraction": sums[1].item() / anchors,
             "lr": lr}
 
 
@@ -299,14 +348,10 @@ def build_data(args, dist_info):
     augment = common.train_transform(args.crop_size, blur_p=args.blur_p, normalize=normalize)
     plain = common.eval_transform(normalize, size=args.crop_size if args.dataset == "folder" else None)
     split = args.train_split or common.default_train_split(args.dataset)
-    # Rank 0 downloads first; the others then find the files.
-    if dist_info.world_size > 1 and not dist_info.is_main:
-        dist.barrier()
-    train_set = common.subset(common.build_dataset(args.dataset, args.data_dir, split), args.subset)
-    memory_set = common.build_dataset(args.dataset, args.data_dir, "train", plain)
-    test_set = common.build_dataset(args.dataset, args.data_dir, "test", plain)
-    if dist_info.world_size > 1 and dist_info.is_main:
-        dist.barrier()
+    with common.main_process_first(dist_info):  # rank 0 downloads; the others then find the files
+        train_set = common.subset(common.build_dataset(args.dataset, args.data_dir, split), args.subset)
+        memory_set = common.build_dataset(args.dataset, args.data_dir, "train", plain)
+        test_set = common.build_dataset(args.dataset, args.data_dir, "test", plain)
     memory_set = common.subset(memory_set, args.subset)
     if test_set is None or common.num_classes(memory_set) == 0:
         memory_set = test_set = None
@@ -324,20 +369,13 @@ def main(argv=None):
 def train(args, explicit=()):
     dist_info = common.setup_distributed()
     device, is_main = dist_info.device, dist_info.is_main
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, SCRIPT, keys=("args", "epoch", "backbone", "model", "optimizer"))
-        resume_path = args.resume
-        args = common.resume_args(args, ckpt["args"], explicit, MAY_CHANGE_ON_RESUME)
-        args.resume = resume_path
-        if "out_dir" not in explicit:
-            args.out_dir = os.path.dirname(os.path.abspath(resume_path))
-    if args.batch_size % dist_info.world_size:
-        raise common.UserError(f"--batch_size {args.batch_size} (global) is not divisible by the "
-                               f"{dist_info.world_size} processes")
-    per_rank_batch = args.batch_size // dist_info.world_size
+    args, ckpt = common.load_run(args, explicit, SCRIPT, MAY_CHANGE_ON_RESUME)
+    per_rank_batch = common.per_process_batch(args.batch_size, dist_info)
     if args.negatives == "local" and per_rank_batch < 2:
         raise common.UserError("--negatives local needs at least 2 images per process")
+    if per_rank_batch % args.num_chunks or per_rank_batch // args.num_chunks < 2:
+        raise common.UserError(f"{per_rank_batch} images per process do not split into --num_chunks "
+                               f"{args.num_chunks} chunks of at least 2")
     precision = common.resolve_precision(args.precision, device)
     common.seed_everything(args.seed + dist_info.rank)
 
@@ -347,29 +385,11 @@ def train(args, explicit=()):
                                f"{args.batch_size}; lower --batch_size or raise --subset")
     loader = common.train_loader(train_set, per_rank_batch, dist_info, args.workers, args.seed)
 
-    model = build_model(args).to(device)
-    if dist_info.world_size > 1 and args.sync_bn:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif is_main:
-            print("note: SyncBatchNorm needs GPUs; on CPU each process keeps its own BN statistics")
+    model = common.sync_batchnorm(build_model(args).to(device), dist_info, args.sync_bn)
     optimizer = build_optimizer(model, args)
     scaler = common.grad_scaler(device, precision)
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
-        if len(ckpt.get("rng", [])) == dist_info.world_size:
-            common.set_rng_state(ckpt["rng"][dist_info.rank])
-        elif is_main:
-            print("note: the checkpoint was written by a different number of processes; "
-                  "random streams start afresh from --seed")
-    net = model
-    if dist_info.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    start_epoch = common.restore_training(ckpt, model, optimizer, scaler, dist_info) if ckpt is not None else 0
+    net = common.data_parallel(model, dist_info)
 
     metrics = None
     if is_main:
@@ -393,13 +413,8 @@ def train(args, explicit=()):
         return top1, top5
 
     def save(epoch):
-        rng = common.gather_rng_states()  # a collective: every rank takes part
-        if is_main:
-            common.save_checkpoint({"script": SCRIPT, "args": vars(args), "epoch": epoch,
-                                    "backbone": model.backbone.state_dict(), "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                    "rng": rng, "world_size": dist_info.world_size},
-                                   os.path.join(args.out_dir, "last.pt"))
+        common.save_training_checkpoint(os.path.join(args.out_dir, "last.pt"), SCRIPT, args, epoch, model,
+                                        optimizer, scaler, dist_info)
 
     if args.epochs == 0 and ckpt is None:  # evaluate the untrained model (a baseline)
         row = {"epoch": 0}
@@ -411,6 +426,8 @@ def train(args, explicit=()):
                   f"top-5 {row.get('knn_top5', float('nan')):.2f}")
         save(0)
 
+    if ckpt is not None and start_epoch >= args.epochs and is_main:
+        print(f"the checkpoint has already trained {start_epoch} epochs; give --epochs above that to continue")
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         beta = beta_for_epoch(args.beta, epoch, args.epochs, args.anneal)

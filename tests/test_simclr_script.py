@@ -159,3 +159,12 @@ def test_help(capsys):
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "GLOBAL batch" in help_text and "--k" in help_text and "--tau_plus" in help_text
+
+
+def test_debiased_is_a_real_boolean(capsys):
+    import simclr_debiased
+    parser = simclr_debiased.build_parser()
+    assert parser.parse_args([]).debiased is True
+    assert parser.parse_args(["--no-debiased"]).debiased is False
+    # DCL's type=bool read "--debiased False" as True; here it is an error
+    assert_exit_2(["--debiased", "False"], "unrecognized arguments: False", capsys)
