@@ -408,9 +408,8 @@ def train(args, explicit=()):
 
     def knn():
         model.eval()
-        top1, top5 = common.knn_monitor(model.backbone, memory_set, test_set, dist_info, args.knn_k,
-                                        args.knn_t, per_rank_batch, args.workers, precision, is_main)
-        return top1, top5
+        return common.knn_monitor(model.backbone, memory_set, test_set, dist_info, args.knn_k, args.knn_t,
+                                  per_rank_batch, args.workers, precision, is_main)
 
     def save(epoch):
         common.save_training_checkpoint(os.path.join(args.out_dir, "last.pt"), SCRIPT, args, epoch, model,

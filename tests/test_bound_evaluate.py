@@ -237,3 +237,15 @@ def test_evaluate_bad_input(runs, tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "bounds.json").write_text("{}")
     exit_2(["plot", str(tmp_path / "bad")], "is not a bounds.json")
+
+
+def test_plot_dpi_and_accuracy_label(evaluated, tmp_path, capsys):
+    import struct
+    widths = []
+    for dpi in (40, 80):
+        out = tmp_path / f"fig{dpi}.png"
+        code, _, err, _ = run_main(["plot", str(evaluated / "k16"), str(evaluated / "k32"), "--out", str(out),
+                                    "--dpi", str(dpi), "--accuracy_label", "probe accuracy (%)"], capsys)
+        assert code == 0, err
+        widths.append(struct.unpack(">I", out.read_bytes()[16:20])[0])  # the PNG header's width
+    assert widths[1] == 2 * widths[0]

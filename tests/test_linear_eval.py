@@ -481,3 +481,15 @@ def test_help_shows_the_presets(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0 and "(default: None)" not in text
     assert "GLOBAL batch" in text and "moco 30.0" in text and "nozawa 0.3" in text and "SELECTED ON THE TEST SET" in text
+
+
+def test_every_probe_flag_reaches_the_settings():
+    args = linear_eval.build_parser().parse_args(
+        ["x.pt", "--no-nesterov", "--drop_last", "--init", "normal", "--lr_decay", "0.5", "--mean_view", "augmented",
+         "--no-normalize", "--optimizer", "sgd"])
+    settings = linear_eval.resolve_settings(args, "nozawa", text=False)
+    assert (settings["nesterov"], settings["drop_last"], settings["init"], settings["lr_decay"], settings["mean_view"],
+            settings["normalize"]) == (False, True, "normal", 0.5, "augmented", False)
+    args = linear_eval.build_parser().parse_args(["x.pt", "--no-drop_last", "--normalize", "--nesterov"])
+    settings = linear_eval.resolve_settings(args, "nozawa", text=False)
+    assert (settings["drop_last"], settings["normalize"], settings["nesterov"]) == (False, True, True)

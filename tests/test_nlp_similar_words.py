@@ -510,3 +510,24 @@ def test_subset_keeps_evenly_spaced_training_documents():
     assert len(part.train_texts) == 600 and part.test_texts == full.test_texts
     assert part.train_texts[1] == full.train_texts[len(full.train_texts) // 600]
     assert sorted(set(part.train_labels)) == [0, 1, 2, 3]  # the carved split is class-sorted: every class stays
+
+
+def test_less_common_train_and_build_flags(tmp_path):
+    out = tmp_path / "flags"
+    nlp.main([*TRAIN, "--augmentation", "erase", "--subset", "512", "--epochs", "1", "--embedding_dim", "16",
+              "--lr_scaling", "linear", "--trust_coefficient", "0.002", "--eval_batch_size", "100", "--clean_text",
+              "--out_dir", str(out)])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["backbone"]["embedding.weight"].shape[1] == 16 and ckpt["model"]["projector.3.weight"].shape == (16, 16)
+    assert ckpt["args"]["trust_coefficient"] == 0.002 and ckpt["args"]["clean_text"] is True
+    # --lr_scaling linear: lr x B / 256; the last step of the only epoch is still in the 2-epoch warm-up
+    assert float(read_csv(out / "metrics.csv")[0]["lr"]) < 1.0 * 128 / 256
+    vocab_clean = nlp.build_vocab([nlp.clean_ag_news(t) for t in nlp.load_corpus(AG, "carved", subset=512).train_texts])
+    assert ckpt["vocab"] == vocab_clean  # --clean_text changed the vocabulary the run used
+    table = tmp_path / "t.npy"
+    nlp.main(["build", "--vectors", GLOVE, "--train", os.path.join(AG, "test.csv"), "--split", "carved", "--block_size",
+              "7", "--device", "cpu", "--out", str(table)])
+    reference = tmp_path / "r.npy"
+    nlp.main(["build", "--vectors", GLOVE, "--train", os.path.join(AG, "test.csv"), "--split", "carved", "--out",
+              str(reference)])
+    np.testing.assert_array_equal(np.load(table), np.load(reference))  # blocks of 7 rows give the same table

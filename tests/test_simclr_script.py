@@ -1,6 +1,7 @@
 """simclr_debiased.py end to end on ../shared/data/cifar10 with a tiny backbone, and its errors."""
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -168,3 +169,27 @@ def test_debiased_is_a_real_boolean(capsys):
     assert parser.parse_args(["--no-debiased"]).debiased is False
     # DCL's type=bool read "--debiased False" as True; here it is an error
     assert_exit_2(["--debiased", "False"], "unrecognized arguments: False", capsys)
+
+
+def test_less_common_flags_end_to_end(tmp_path, cifar_dir, capsys):
+    import simclr_debiased
+    out = tmp_path / "flags"
+    flags = ["--dataset", "folder", "--data_dir", cifar_dir, "--arch", "resnet18", "--width", "4", "--batch_size", "32",
+             "--subset", "64", "--workers", "0", "--eval_every", "0", "--epochs", "3", "--stem", "imagenet",
+             "--crop_size", "24", "--beta", "1.0", "--anneal", "down", "--optimizer", "larc", "--momentum", "0.8",
+             "--schedule", "cosine", "--warmup_epochs", "1", "--seed", "3", "--out_dir", str(out)]
+    args = simclr_debiased.build_parser().parse_args(flags)
+    x1, x2, _, _ = simclr_debiased.build_data(args, common.setup_distributed())[0][0]
+    assert x1.shape == x2.shape == (3, 24, 24)  # --crop_size
+    simclr_debiased.main(flags)
+    rows = read_csv(out / "metrics.csv")
+    assert [float(r["beta"]) for r in rows] == [1.0, 1.0, 0.875]  # --anneal down: linspace(1, 0, 9), one step per epoch
+    # the lr of each epoch's last step (2 steps per epoch): warm-up to 1e-3 over epoch 1, then cosine
+    cosine = [0.5e-3 * (1 + math.cos(math.pi * (e - 1) / 2)) for e in (1.5, 2.5)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.5e-3] + cosine, rel=1e-5)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["backbone"]["conv1.weight"].shape == (4, 3, 7, 7)  # --stem imagenet
+    assert all(g["momentum"] == 0.8 for g in ckpt["optimizer"]["param_groups"])  # --momentum (SGD under LARC)
+    assert ckpt["args"]["seed"] == 3
+    # --train_split exists only for STL-10
+    assert_exit_2(["--dataset", "folder", "--train_split", "unlabeled"], "exists only for --dataset stl10", capsys)
