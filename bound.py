@@ -555,9 +555,8 @@ def run_k_plus_1(run_args, world_size=1):
 def with_augmentation(plain, augmented):
     """A copy of `plain` that draws its items the way `augmented` does: its `transform` (images:
     the run's SimCLR augmentation; text: erase/replace per item) and its `collate_fn` (a script may
-    augment at batching instead). The
-    bound needs fresh augmented views of the test items; eval_datasets only augments the train
-    split, so the test split borrows the train split's augmentation."""
+    augment at batching instead). The bound needs fresh augmented views of the test items;
+    eval_datasets only augments the train split, so the test split borrows its augmentation."""
     out = copy.copy(plain)
     found = False
     for attr in ("transform", "collate_fn"):
