@@ -1,8 +1,5 @@
-"""common.py: backbones, data, augmentations, schedule, LARC, kNN, checkpoints, CSV, resume args."""
-import argparse
-import math
-import os
-
+"""common.py: ResNets, data sets and the SimCLR augmentation."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -29,21 +26,22 @@ def test_cifar_stem_and_width():
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1) and net.conv1.padding == (1, 1)
     assert isinstance(net.maxpool, torch.nn.Identity)
     assert net(torch.randn(3, 3, 32, 32)).shape == (3, 64) and net.out_dim == 64
+    assert common.build_backbone("resnet18", "cifar", 8, stem_padding=3).conv1.padding == (3, 3)
     # the ResNet-50 of DCL/HCL/leftthomas: 23.52M parameters with a 10-class linear layer
     r50 = common.build_backbone("resnet50", "cifar", 64)
     assert sum(p.numel() for p in r50.parameters()) + 2048 * 10 + 10 == pytest.approx(23.52e6, rel=1e-3)
-    with pytest.raises(ValueError, match="arch"):
-        common.build_backbone("vgg", "cifar")
+    for bad in (dict(arch="vgg"), dict(stem="tiny"), dict(width=0)):
+        with pytest.raises(ValueError, match="no backbone"):
+            common.build_backbone(**{"arch": "resnet18", "stem": "cifar", "width": 8, **bad})
 
 
-def test_folder_dataset(cifar_dir):
-    train = common.build_dataset("folder", cifar_dir, "train")
-    test = common.build_dataset("folder", cifar_dir, "test")
-    assert len(train) == 10000 and len(test) == 2000
-    assert train.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    img, label = train[1500]
-    assert img.size == (32, 32) and label == 1
-    assert common.num_classes(train) == 10
+def test_folder_dataset(image_folder):
+    train = common.build_dataset("folder", image_folder, "train")
+    test = common.build_dataset("folder", image_folder, "test")
+    assert len(train) == 64 and len(test) == 32 and train.classes == ["class0", "class1", "class2", "class3"]
+    img, label = train[17]
+    assert img.size == (16, 16) and label == 1 and train.targets[:17] == [0] * 16 + [1]
+    assert common.num_classes(train) == 4
 
 
 def test_flat_folder_and_missing_test(tmp_path):
@@ -56,165 +54,95 @@ def test_flat_folder_and_missing_test(tmp_path):
 
 
 def test_missing_and_unreadable_data(tmp_path):
-    with pytest.raises(common.UserError, match="expected .*/train/<class>"):
+    with pytest.raises(FileNotFoundError, match="expected .*/train/<class>"):
         common.build_dataset("folder", str(tmp_path / "nowhere"), "train")
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
-    broken = common.build_dataset("folder", str(tmp_path), "train")
-    with pytest.raises(common.UserError, match="cannot read image .*broken.jpg"):
-        broken[0]
-    with pytest.raises(common.UserError, match="downloading is off; expected .*cifar-10-batches-py"):
+    with pytest.raises(OSError, match="cannot read image .*broken.jpg"):
+        common.build_dataset("folder", str(tmp_path), "train")[0]
+    with pytest.raises(FileNotFoundError, match="downloading is off; expected .*cifar-10-batches-py.*download https"):
         common.build_dataset("cifar10", str(tmp_path), "train", download=False)
-    with pytest.raises(common.UserError, match="split"):
-        common.build_dataset("cifar10", str(tmp_path), "unlabeled")
 
 
-def test_subset_is_deterministic_and_spread(cifar_dir):
-    train = common.build_dataset("folder", cifar_dir, "train")
-    part = common.subset(train, 50)
-    assert len(part) == 50 and part.targets == [train.targets[i * 200] for i in range(50)]
-    assert sorted(set(part.targets)) == list(range(10))  # every class of a class-sorted folder
+def test_subset_is_deterministic_and_spread(image_folder):
+    train = common.build_dataset("folder", image_folder, "train")
+    part = common.subset(train, 8)
+    assert len(part) == 8 and part.targets == [train.targets[i * 8] for i in range(8)]
+    assert sorted(set(part.targets)) == [0, 1, 2, 3]  # every class of a class-sorted folder
+    assert part[3][1] == train[24][1] and part.classes == train.classes
     assert common.subset(train, 0) is train and common.subset(train, 10 ** 6) is train
 
 
-def test_two_views_and_augmentation(cifar_dir):
-    train = common.build_dataset("folder", cifar_dir, "train")
-    pair = common.TwoViews(train, common.train_transform(32))
+def test_two_views(image_folder):
+    train = common.build_dataset("folder", image_folder, "train")
+    pair = common.TwoViews(train, common.train_transform(12))
     torch.manual_seed(0)
-    x1, x2, label, index = pair[1234]
-    assert x1.shape == x2.shape == (3, 32, 32) and label == train.targets[1234] and index == 1234
-    assert not torch.equal(x1, x2)
-    plain = common.eval_transform(common.NORMALIZATION["none"])(train[0][0])
-    assert 0.0 <= plain.min() and plain.max() <= 1.0
-    assert common.blur_kernel_size(32) == 3 and common.blur_kernel_size(96) == 9 and common.blur_kernel_size(224) == 23
-    assert not any(isinstance(t, common.RandomGaussianBlur) for t in common.train_transform(32, blur_p=0).transforms)
+    x1, x2, label, index = pair[40]
+    assert x1.shape == x2.shape == (3, 12, 12) and label == 2 and index == 40
+    assert not torch.equal(x1, x2)  # two independent draws
+
+
+def test_normalisation_and_eval_transform():
+    img = Image.fromarray(np.full((8, 8, 3), 255, dtype=np.uint8))
+    assert torch.equal(common.eval_transform(None)(img), torch.ones(3, 8, 8))
+    mean, std = common.NORMALIZATION["cifar10"]
+    torch.testing.assert_close(common.eval_transform(common.normalization("cifar10", "stl10"))(img)[:, 0, 0],
+                               (1 - torch.tensor(mean)) / torch.tensor(std))
+    assert common.normalization("auto", "stl10") == common.NORMALIZATION["stl10"]
+    assert common.normalization("auto", "folder") == common.NORMALIZATION["imagenet"]
     assert common.eval_transform(size=24)(Image.new("RGB", (40, 30))).shape == (3, 24, 24)
+
+
+def draw(transform, img, n, seed=0):
+    torch.manual_seed(seed)
+    return torch.stack([transform(img) for _ in range(n)])
+
+
+def test_augmentation_probabilities():
+    """Grayscale with p = 0.2, flip with p = 0.5, jitter with p = 0.8, each observed on images
+    where that step alone changes the pixels."""
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    no_crop = dict(scale=(1.0, 1.0), blur_p=0, normalize=None)
+    out = draw(common.train_transform(8, jitter_p=0, **no_crop), colour, 600)
+    grey = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert 0.15 < grey.float().mean() < 0.25
+    ramp = Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8)[None, :, None], (8, 1, 3)))
+    out = draw(common.train_transform(8, jitter_p=0, grayscale_p=0, **no_crop), ramp, 600)
+    flipped = out[:, 0, 0, 0] > out[:, 0, 0, -1]
+    assert 0.44 < flipped.float().mean() < 0.56
+    plain = common.eval_transform(None)(colour)
+    out = draw(common.train_transform(8, grayscale_p=0, **no_crop), colour, 600)
+    changed = (out - plain.flip(-1)).abs().flatten(1).amax(1).gt(1e-6) & (out - plain).abs().flatten(1).amax(1).gt(1e-6)
+    assert 0.75 < changed.float().mean() < 0.85
+
+
+def test_jitter_strength_and_crop_scale():
+    """ColorJitter(0.4, 0.4, 0.4, 0.1) by default: brightness factors reach but stay within [0.6, 1.4];
+    crops cover 8% to 100% of the image."""
+    steps = common.train_transform(32).transforms
+    jitter = steps[2].transforms[0]
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
+    assert steps[0].scale == (0.08, 1.0) and steps[0].size == (32, 32)
+    grey = Image.fromarray(np.full((8, 8, 3), 100, dtype=np.uint8))
+    only_brightness = common.train_transform(8, jitter=(0.4, 0, 0, 0), jitter_p=1, grayscale_p=0, scale=(1, 1),
+                                             blur_p=0, normalize=None)
+    factors = draw(only_brightness, grey, 400)[:, 0, 0, 0] * 255 / 100
+    assert 0.6 - 1e-2 < factors.min() < 0.65 and 1.35 < factors.max() < 1.4 + 1e-2
 
 
 def test_blur_matches_opencv_and_uses_torch_rng():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
-    blur = common.RandomGaussianBlur(3, p=1.0)
     torch.manual_seed(0)
-    out = np.asarray(blur(img))
+    out = np.asarray(common.RandomGaussianBlur(3, p=1.0)(img))
     torch.manual_seed(0)
-    sigma = 0.1 + 1.9 * (torch.rand(()).item(), torch.rand(()).item())[1]
-    import cv2
+    torch.rand(())
+    sigma = 0.1 + 1.9 * torch.rand(()).item()
     np.testing.assert_array_equal(out, cv2.GaussianBlur(np.asarray(img), (3, 3), sigma))
     torch.manual_seed(1)
     applied = sum(not np.array_equal(np.asarray(common.RandomGaussianBlur(3, p=0.5)(img)), np.asarray(img))
                   for _ in range(400))
     assert 150 < applied < 250
-
-
-def test_learning_rate_schedule():
-    assert common.learning_rate(1.0, 0.0, 10, warmup_epochs=2) == 0.0
-    assert common.learning_rate(1.0, 1.0, 10, warmup_epochs=2) == pytest.approx(0.5)
-    assert common.learning_rate(1.0, 2.0, 10, warmup_epochs=2) == pytest.approx(1.0)
-    assert common.learning_rate(1.0, 6.0, 10, warmup_epochs=2) == pytest.approx(0.5)
-    assert common.learning_rate(1.0, 10.0, 10, warmup_epochs=2) == pytest.approx(0.0, abs=1e-15)
-    assert common.learning_rate(0.3, 7.5, 10, schedule="constant") == 0.3
-
-
-def test_larc_against_formula():
-    torch.manual_seed(0)
-    p1, p2, p3 = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.zeros(2))
-    for p in (p1, p2, p3):
-        p.grad = torch.randn_like(p)
-    expected = []
-    for p, wd in ((p1, 1e-4), (p2, 0.0)):
-        w, g = p.detach().double(), p.grad.double()
-        rate = 1e-3 * w.norm() / (g.norm() + wd * w.norm() + 1e-8)
-        expected.append(((g + wd * w) * rate).float())
-    zero_grad = p3.grad.clone()
-    opt = torch.optim.SGD([{"params": [p1], "larc_weight_decay": 1e-4}, {"params": [p2, p3]}], lr=0.1)
-    common.larc_(opt)
-    torch.testing.assert_close(p1.grad, expected[0])
-    torch.testing.assert_close(p2.grad, expected[1])
-    torch.testing.assert_close(p3.grad, zero_grad)  # a zero-norm weight is left alone
-
-
-def knn_reference(train, train_labels, test, k, t, classes):
-    """One test point at a time, in float64 numpy."""
-    train = train / np.linalg.norm(train, axis=1, keepdims=True)
-    test = test / np.linalg.norm(test, axis=1, keepdims=True)
-    scores = np.zeros((len(test), classes))
-    for i, x in enumerate(test):
-        sims = train @ x
-        for j in np.argsort(-sims, kind="stable")[:k]:
-            scores[i, train_labels[j]] += math.exp(sims[j] / t)
-    return scores
-
-
-def test_knn_predict_against_loop_reference():
-    rng = np.random.default_rng(0)
-    train, test = rng.normal(size=(60, 5)), rng.normal(size=(17, 5))
-    labels = rng.integers(0, 4, 60)
-    bank = torch.nn.functional.normalize(torch.tensor(train), dim=1)
-    queries = torch.nn.functional.normalize(torch.tensor(test), dim=1)
-    scores = common.knn_predict(queries, bank, torch.tensor(labels), 4, k=7, temperature=0.1, chunk=5)
-    np.testing.assert_allclose(scores.numpy(), knn_reference(train, labels, test, 7, 0.1, 4), rtol=1e-10)
-    assert common.topk_correct(scores, torch.tensor([0] * 17), ks=(1, 4)) == [int((scores.argmax(1) == 0).sum()), 17]
-
-
-def test_checkpoint_roundtrip_and_errors(tmp_path):
-    path = str(tmp_path / "run" / "last.pt")
-    common.save_checkpoint({"script": "x.py", "args": {"a": 1}, "epoch": 3, "backbone": {"w": torch.ones(2)},
-                            "rng": [common.get_rng_state()]}, path)
-    assert os.listdir(tmp_path / "run") == ["last.pt"]  # no temporary file left behind
-    ckpt = common.load_checkpoint(path, "x.py")
-    assert ckpt["epoch"] == 3 and torch.equal(ckpt["backbone"]["w"], torch.ones(2))
-    with pytest.raises(common.UserError, match="written by x.py, not y.py"):
-        common.load_checkpoint(path, "y.py")
-    with pytest.raises(common.UserError, match="does not exist"):
-        common.load_checkpoint(str(tmp_path / "nope.pt"))
-    data = open(path, "rb").read()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(common.UserError, match="cannot read checkpoint"):
-        common.load_checkpoint(str(tmp_path / "cut.pt"))
-    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(common.UserError, match="not a checkpoint of this project"):
-        common.load_checkpoint(str(tmp_path / "foreign.pt"))
-
-
-def test_rng_state_roundtrip():
-    import random
-    common.seed_everything(3)
-    state = common.get_rng_state()
-    first = (random.random(), np.random.rand(), torch.rand(()).item())
-    common.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(()).item()) == first
-
-
-def test_metrics_csv_drops_rows_after_resume_epoch(tmp_path):
-    path = str(tmp_path / "metrics.csv")
-    log = common.MetricsCSV(path, ["epoch", "loss", "knn_top1"])
-    for epoch in (1, 2, 3):
-        log.write({"epoch": epoch, "loss": 1.0 / epoch})
-    common.MetricsCSV(path, ["epoch", "loss", "knn_top1"], resume_epoch=2).write({"epoch": 3, "loss": 0.25, "knn_top1": 50.0})
-    lines = open(path).read().splitlines()
-    assert lines == ["epoch,loss,knn_top1", "1,1,", "2,0.5,", "3,0.25,50"]
-
-
-def test_explicit_flags_and_resume_args():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--knn_k", "--k", dest="knn_k", type=int, default=200)
-    parser.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True)
-    argv = ["--epochs", "9", "--k", "10", "--no-sync_bn"]
-    assert common.explicit_flags(parser, argv) == {"epochs", "knn_k", "sync_bn"}
-    args = parser.parse_args(argv)
-    saved = {"epochs": 4, "arch": "resnet18", "knn_k": 200, "sync_bn": True}
-    with pytest.raises(common.UserError, match="--knn_k 10 differs from the checkpoint's 200"):
-        common.resume_args(args, saved, {"epochs", "knn_k"}, may_change={"epochs"})
-    merged = common.resume_args(args, saved, {"epochs"}, may_change={"epochs"})
-    assert merged.epochs == 9 and merged.arch == "resnet18" and merged.knn_k == 200
-
-
-def test_class_means_are_not_renormalised():
-    features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, -1.0], [1.0, 1.0]], dtype=torch.float64)
-    labels = torch.tensor([0, 0, 1, 1])
-    means = common.class_means(features, labels, 3)
-    s = 2 ** -0.5
-    expected = torch.tensor([[0.5, 0.5], [s / 2, (s - 1) / 2], [0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(means, expected)
+    assert common.blur_kernel_size(32) == 3 and common.blur_kernel_size(96) == 9 and common.blur_kernel_size(224) == 23
+    assert not any(isinstance(t, common.RandomGaussianBlur) for t in common.train_transform(32, blur_p=0).transforms)
+    assert any(isinstance(t, common.RandomGaussianBlur) and t.p == 0.5 for t in common.train_transform(32).transforms)
