@@ -1,11 +1,11 @@
 """bound.py: Nozawa & Sato's analysis of negative samples, as one script.
 
     python bound.py table3                                    # Table 3: expected K+1 to see every class
-    python bound.py table3 --imagenet_counts counts.json --csv table3.csv
     python bound.py coverage --classes 100 --draws 128 256 512          # upsilon, tau, E ln(1+Col)
-    python bound.py coverage --classes 10 --per_class 1000 --draws 32 64 --json coverage.json
+    python bound.py coverage --classes 10 --per_class 1000 --draws 32 64   # batches without replacement
     python bound.py evaluate --checkpoint runs/k32/last.pt              # writes runs/k32/bounds.json
-    python bound.py plot runs/k32 runs/k64 runs/k128 --out figure1.png --csv table2.csv --markdown table2.md
+    python bound.py evaluate --checkpoint runs/ag/last.pt --sub_classes 2 --out runs/ag/bounds_sub2.json
+    python bound.py plot runs/k32 runs/k64 runs/k128 --out figure1.png --markdown table2.md
 
 (One process: the analysis is cheap next to training, so there is no torchrun form.)
 
@@ -14,7 +14,7 @@ Self-supervised Representation Learning" (NeurIPS 2021; code nzw0301/Understandi
 compared with S. Arora et al., "A Theoretical Analysis of Contrastive Unsupervised Representation
 Learning" (ICML 2019, "CURL"). K+1 is the batch: an anchor and K negatives, drawn from C latent
 classes. The theorem, as the authors' code computes it (f-bar the augmentation mean of the
-normalised head output, mu_c the class means of f-bar, t the temperature):
+normalised head output, mu_c the class means of the training f-bar, t the temperature):
 
     L_Info >= 1/2 [ upsilon L_sup + (1 - upsilon) L_sub + E ln(1 + Col) ] + d(f)
     L_sup  <= [ 2 (L_Info - d(f)) - (1 - upsilon) L_sub - E ln(1 + Col) ] / upsilon
@@ -23,28 +23,31 @@ upsilon = P(the K+1 classes cover all C), Col = number of negatives sharing the 
 d(f) = E min(0, z.(mu_c - f-bar(x))) / t <= 0. Arora et al.'s bound divides by 1 - tau instead,
 tau = P(Col >= 1) -> 1 exponentially in K, so it explodes while upsilon -> 1 keeps this one finite.
 
-Analytic part: upsilon, E[K+1 to cover], tau and E ln(1 + Col) for i.i.d. draws (uniform or not)
-and for draws without replacement from a balanced pool, computed without cancellation (a
-dynamic programme over the classes seen, a Poissonised convolution, Gauss-Legendre quadrature),
-never with the alternating sum of `coupon.ipynb`, which is off by ~4.5e-4 at C = 100.
-Empirical part: the bound loop of the authors' `bound.py` on a checkpoint, both upper bounds, the
-collision statistic of `collision_analysis.ipynb`, and Figure 1 / Table 2 from a set of runs.
+Analytic part: upsilon exactly (inclusion-exclusion in integers; coupon.ipynb's float64 sum is off
+by ~4.5e-4 at C = 100), a Poissonised convolution for non-uniform classes; E[K+1 to cover] = C H_C;
+tau and E ln(1 + Col) from their laws. Empirical part: the authors' bound loop on a checkpoint (rebuilt
+from the checkpoint alone), k-means sub-classes (nlp_bound.py), the collision statistic
+(collision_analysis.ipynb), Figure 1 / Table 2.
 """
 import argparse
 import copy
 import csv
-import io
+import html
 import json
 import math
 import numbers
 import os
+import re
 import sys
+from collections import OrderedDict
 from fractions import Fraction
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
 import common
 
@@ -68,48 +71,23 @@ def _count(name, value, minimum=0):
 
 def _class_model(num_classes, class_probs, per_class):
     """Validate the arguments shared by the analytic functions; returns (C, probs or None, m or None)."""
-    if class_probs is None and num_classes is None:
-        raise ValueError("give num_classes (uniform classes) or class_probs")
-    probs = None
-    if class_probs is not None:
-        probs = np.asarray(class_probs, dtype=np.float64)
-        if probs.ndim != 1 or probs.size == 0:
-            raise ValueError("class_probs must be a non-empty list of probabilities")
-        if not np.all(np.isfinite(probs)) or np.any(probs <= 0):
-            raise ValueError("class probabilities must be positive (a class that never occurs is not a class)")
-        total = math.fsum(probs.tolist())
-        if abs(total - 1.0) > 1e-9:
-            raise ValueError(f"class probabilities sum to {total:.12g}, not 1")
-        if num_classes is not None and _count("num_classes", num_classes, 1) != probs.size:
-            raise ValueError(f"num_classes = {num_classes} but {probs.size} class probabilities")
-        if per_class is not None:
-            raise ValueError("per_class (a balanced pool) and class_probs cannot be combined")
-    C = probs.size if probs is not None else _count("num_classes", num_classes, 1)
-    m = None if per_class is None else _count("per_class", per_class, 1)
-    return C, probs, m
+    if class_probs is None:
+        if num_classes is None:
+            raise ValueError("give num_classes (uniform classes) or class_probs")
+        m = None if per_class is None else _count("per_class", per_class, 1)
+        return _count("num_classes", num_classes, 1), None, m
+    probs = np.asarray(class_probs, dtype=np.float64)
+    total = math.fsum(probs.ravel().tolist())
+    if probs.ndim != 1 or probs.size == 0 or not np.all(np.isfinite(probs)) or np.any(probs <= 0):
+        raise ValueError("class probabilities must be positive (a class that never occurs is not a class)")
+    if abs(total - 1.0) > 1e-9:
+        raise ValueError(f"class probabilities sum to {total:.12g}, not 1")
+    if num_classes is not None and _count("num_classes", num_classes, 1) != probs.size:
+        raise ValueError(f"num_classes = {num_classes} but {probs.size} class probabilities")
+    if per_class is not None:
+        raise ValueError("per_class (a balanced pool) and class_probs cannot be combined")
+    return probs.size, probs, None
 
-
-def _draws_dp(n, C, m=None):
-    """(upsilon, 1 - upsilon) for n uniform draws over C classes, i.i.d. (m None) or without
-    replacement from a pool of m per class. Markov chain on j = number of classes seen, all terms
-    positive (no cancellation): after t draws a new class comes with probability (C - j)/C, or
-    (C - j) m / (Cm - t) without replacement (unseen classes are still whole). O(n C)."""
-    p = np.zeros(C + 1)
-    p[0] = 1.0
-    j = np.arange(C + 1, dtype=np.float64)
-    for t in range(n):
-        # Multiply by exact integers and divide once per step: no systematically rounded factor
-        # j/C is reused n times, so rounding errors stay random (~1e-15 at n = 10^4, C = 10^3).
-        if m is None:
-            q = p * j
-            q[1:] += p[:-1] * (C - j[:-1])
-            q /= C
-        else:
-            q = p * np.maximum(j * m - t, 0.0)
-            q[1:] += p[:-1] * ((C - j[:-1]) * m)
-            q /= C * m - t
-        p = q
-    return float(p[C]), math.fsum(p[:C].tolist())
 
 
 def _log_pmf_window(kind, param, trials=None, lo=None, hi=None, tail=14.0):
@@ -208,8 +186,15 @@ def _log_coverage_poissonized(n, probs=None, counts=None):
     return log_prefactor + math.log(p_sum) - log_denominator if p_sum > 0 else -math.inf
 
 
+def _log_fraction(x):
+    """ln of a positive Fraction, also far below the float range."""
+    shift = x.denominator.bit_length() - x.numerator.bit_length()
+    return math.log(float(x * Fraction(2) ** shift)) - shift * math.log(2)
+
+
 def _coverage(n, num_classes=None, class_probs=None, per_class=None):
-    """(ln upsilon, 1 - upsilon) with the method that suits the case (see coverage_probability)."""
+    """(ln upsilon, 1 - upsilon): exact rationals for uniform classes, the Poissonised convolution
+    for class probabilities."""
     n = _count("the number of draws", n)
     C, probs, m = _class_model(num_classes, class_probs, per_class)
     if m is not None and n > C * m:
@@ -219,15 +204,8 @@ def _coverage(n, num_classes=None, class_probs=None, per_class=None):
     if probs is not None:
         log_u = _log_coverage_poissonized(n, probs=probs)
         return log_u, -math.expm1(log_u)
-    value, complement = _draws_dp(n, C, m)
-    if complement < 0.5:  # near 1, the small sum of the other states is the accurate quantity
-        return math.log1p(-complement), complement
-    if value > 1e-280:
-        return math.log(value), complement
-    # Below ~1e-280 the DP's intermediate states may have underflowed: use the log-space method.
-    if m is None:
-        return _log_coverage_poissonized(n, probs=np.full(C, 1.0 / C)), complement
-    return _log_coverage_poissonized(n, counts=np.full(C, float(m))), complement
+    exact = coverage_probability_exact(n, C, per_class=m)
+    return _log_fraction(exact), float(1 - exact)
 
 
 def coverage_probability(n, num_classes=None, class_probs=None, per_class=None):
@@ -235,10 +213,9 @@ def coverage_probability(n, num_classes=None, class_probs=None, per_class=None):
 
     Uniform over `num_classes`, or with `class_probs` (i.i.d. draws); with `per_class`, n draws
     without replacement from a balanced pool of `per_class` items per class. 0 when n < C.
-    Uniform: the DP over the number of classes seen (exact-integer multipliers, all terms
-    positive); non-uniform or below 1e-280: the Poissonised convolution. Both agree with exact
-    rationals to ~1e-14 relative for C <= 1000, n <= 10000 (inclusion-exclusion
-    sum_j (-1)^j binom(C, j) (1 - j/C)^n in float64 would lose everything to cancellation)."""
+    Uniform: `coverage_probability_exact` (integers; about a second at C = 1000, n = 10^4);
+    non-uniform: the Poissonised convolution (~1e-14 relative). The float64 inclusion-exclusion
+    sum_j (-1)^j binom(C, j) (1 - j/C)^n of coupon.ipynb would lose everything to cancellation."""
     return math.exp(_coverage(n, num_classes, class_probs, per_class)[0])
 
 
@@ -248,8 +225,8 @@ def log_coverage_probability(n, num_classes=None, class_probs=None, per_class=No
 
 
 def coverage_complement(n, num_classes=None, class_probs=None, per_class=None):
-    """1 - upsilon, accurate near upsilon = 1 for uniform classes (a sum of positive DP states:
-    C = 10, n = 512 gives 3.7339185e-23); for class_probs, -expm1(ln upsilon) (absolute ~1e-15)."""
+    """1 - upsilon, exact near upsilon = 1 for uniform classes (C = 10, n = 512: 3.7339185e-23);
+    for class_probs, -expm1(ln upsilon) (absolute ~1e-15)."""
     return _coverage(n, num_classes, class_probs, per_class)[1]
 
 
@@ -370,9 +347,8 @@ def expected_log_collision(num_negatives, num_classes, per_class=None):
 # The bound loop (code/bound.py of the authors), as pure functions of tensors
 # ------------------------------------------------------------------------------------------------
 
-SUM_KEYS = ("samples", "SimCLR_loss", "Original_SimCLR_loss", "assumption_value", "upsilon", "curl_tau",
-            "sup_loss", "partial_sup_loss", "conflict_term", "curl_sup_loss", "curl_partial_sup_loss",
-            "sup_loss_all", "centroid_correct")
+SUM_KEYS = ("samples", "SimCLR_loss", "assumption_value", "upsilon", "curl_tau", "sup_loss", "partial_sup_loss",
+            "conflict_term", "curl_sup_loss", "curl_partial_sup_loss", "sup_loss_all")
 
 
 def batch_label_sums(labels, num_classes):
@@ -395,18 +371,6 @@ def info_nce_one_view(z0, z1, temperature):
     return F.cross_entropy(logits, torch.arange(z0.shape[0], device=z0.device), reduction="none")
 
 
-def nt_xent_per_sample(z0, z1, temperature):
-    """The standard NT-Xent (SimCLR) loss per image, averaged over its two views' anchors: each
-    anchor against its positive and the 2B - 2 other views. The reference `Original_SimCLR_loss`
-    (the same as simclr_debiased.contrastive_loss(..., estimator="easy") per image)."""
-    z = F.normalize(torch.cat([z0, z1]), dim=1)
-    b = z0.shape[0]
-    logits = (z @ z.T / temperature).fill_diagonal_(-math.inf)
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
-    per_anchor = F.cross_entropy(logits, target, reduction="none")
-    return 0.5 * (per_anchor[:b] + per_anchor[b:])
-
-
 def batch_bound_sums(z0, z1, labels, fbar, mu, temperature, num_classes):
     """All sums of one batch of K+1 test items, as the authors' eval_bound accumulates them.
 
@@ -419,13 +383,11 @@ def batch_bound_sums(z0, z1, labels, fbar, mu, temperature, num_classes):
       partial_sup_loss  sum of l(z, y; U) over U = the batch's classes, if it does not
       curl_*            the same restricted to samples whose class occurs once in the batch
       sup_loss_all      sum of l(z, y; [C]) for every batch (the L_sup being bounded)
-      centroid_correct  argmax_c ((z0 + z1) / 2 normalised views).mu_c == y
     plus the label sums of batch_label_sums."""
     t = temperature
     sums = batch_label_sums(labels, num_classes)
     z = F.normalize(z0, dim=1)
     sums["SimCLR_loss"] = float(info_nce_one_view(z0, z1, t).sum())
-    sums["Original_SimCLR_loss"] = float(nt_xent_per_sample(z0, z1, t).sum())
     inner = (z * (mu[labels] - fbar)).sum(dim=1)
     sums["assumption_value"] = float(inner.clamp(max=0.0).sum() / t)
     classes, position, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -439,8 +401,6 @@ def batch_bound_sums(z0, z1, labels, fbar, mu, temperature, num_classes):
         part = F.cross_entropy(z @ mu[classes].T / t, position, reduction="none")
         sums.update(sup_loss=0.0, partial_sup_loss=float(part.sum()), curl_sup_loss=0.0,
                     curl_partial_sup_loss=float(part[single].sum()))
-    both = 0.5 * (F.normalize(z0, dim=1) + F.normalize(z1, dim=1))
-    sums["centroid_correct"] = float(((both @ mu.T).argmax(dim=1) == labels).sum())
     return sums
 
 
@@ -472,36 +432,23 @@ def collision_statistic(view0, view1, labels, chunk=2048):
     return total / count if count else math.nan
 
 
-def _log(x):
-    return math.log(x) if x > 0 else None
-
-
-def bound_report(sums, num_classes, k_plus_1, analytic, collision=None):
-    """bounds.json's content from the accumulated sums.
-
-    terms: the sums divided by the number of samples, named as the authors' bounds.json, with
-    bound = 1/2 (sup_loss + partial_sup_loss + conflict_term) (d not added) and
-    curl_bound = curl_partial_sup_loss + conflict_term.
-    table: the rows of Tables 2/4/5 as bound.ipynb makes them (L_sup, L_sub halved; Collision not;
-    "bound" rows with d added).
-    upper_bounds of L_sup: theorem [2 (L_Info - d) - partial - collision] / upsilon; notebook
-    [2 L_Info - partial / 2 - collision - 2 d] / upsilon (subtracts half the sub-class term: valid,
-    looser); Arora et al. [L_Info - (curl_partial - curl_sup) - collision - d] / (1 - tau).
-    When the empirical upsilon is 0 the exact upsilon of the loop's sampling is used (a warning:
-    the bound is then astronomically loose); when it is exactly 0 (K+1 < C) the bound is vacuous
-    (null). When the empirical tau is 1 (the notebook divided by float rounding, ln ~ 37), the
-    exact 1 - tau is used."""
+def bound_report(sums, num_classes, k_plus_1, analytic, collision=None, mu_acc=None):
+    """bounds.json's content from the accumulated sums. `terms`: per-sample means, the authors' names
+    (bound = (sup + partial + conflict) / 2, curl_bound = curl_partial + conflict, d not added). `table`:
+    the rows of Tables 2/4/5 as bound.ipynb makes them (L_sup, L_sub halved, d added to the bounds).
+    `upper_bounds` of L_sup: theorem [2 (L - d) - partial - collision] / upsilon; notebook
+    [2 L - partial / 2 - collision - 2 d] / upsilon (valid, looser); Arora et al.
+    [L - (curl_partial - curl_sup) - collision - d] / (1 - tau). An empirical upsilon of 0 becomes the
+    exact one (null: vacuous when K+1 < C), an empirical tau of 1 the exact tau; both warned."""
     n = sums["samples"]
-    terms = {key: sums[key] / n for key in SUM_KEYS if key not in ("samples", "centroid_correct")}
+    terms = {key: sums[key] / n for key in SUM_KEYS if key != "samples"}
     terms["bound"] = 0.5 * (terms["sup_loss"] + terms["partial_sup_loss"] + terms["conflict_term"])
     terms["curl_bound"] = terms["curl_partial_sup_loss"] + terms["conflict_term"]
-    terms["centroid_accuracy"] = 100.0 * sums["centroid_correct"] / n
-    L, d = terms["SimCLR_loss"], terms["assumption_value"]
-    warnings = []
-    log_u, source = (_log(terms["upsilon"]), "empirical")
-    if terms["upsilon"] == 0:
+    L, d, warnings = terms["SimCLR_loss"], terms["assumption_value"], []
+    log_u, source = (math.log(terms["upsilon"]) if terms["upsilon"] > 0 else None), "empirical"
+    if log_u is None:
         log_u, source = analytic["log_upsilon"], "exact (empirical upsilon is 0)"
-        if log_u == -math.inf or log_u is None:
+        if log_u == -math.inf:
             log_u = None
             warnings.append(f"K+1 = {k_plus_1} < C = {num_classes}: no batch can contain every class (upsilon = 0), "
                             f"so the upper bound of the supervised loss is vacuous (null)")
@@ -511,35 +458,235 @@ def bound_report(sums, num_classes, k_plus_1, analytic, collision=None):
     one_minus_tau, tau_source = 1.0 - terms["curl_tau"], "empirical"
     if one_minus_tau <= 0:
         one_minus_tau, tau_source = analytic["one_minus_tau"], "exact (every anchor collided)"
-        warnings.append("every anchor had a same-class negative (empirical tau = 1); Arora et al.'s bound uses "
-                        f"the exact 1 - tau = {one_minus_tau:.4g}" + (" (vacuous: 0)" if one_minus_tau <= 0 else ""))
+        warnings.append(f"every anchor had a same-class negative (empirical tau = 1); Arora et al.'s bound uses the "
+                        f"exact 1 - tau = {one_minus_tau:.4g}")
     numerators = {"ours_theorem": 2 * (L - d) - terms["partial_sup_loss"] - terms["conflict_term"],
                   "ours_notebook": 2 * L - terms["partial_sup_loss"] / 2 - terms["conflict_term"] - 2 * d,
                   "arora": L - (terms["curl_partial_sup_loss"] - terms["curl_sup_loss"]) - terms["conflict_term"] - d}
     upper = {"upsilon_used": math.exp(log_u) if log_u is not None else 0.0, "upsilon_source": source,
              "one_minus_tau_used": one_minus_tau, "tau_source": tau_source}
     for name, num in numerators.items():
-        log_den = log_u if name != "arora" else _log(one_minus_tau)
+        log_den = log_u if name != "arora" else (math.log(one_minus_tau) if one_minus_tau > 0 else None)
         ln = math.log(num) - log_den if (num > 0 and log_den is not None) else None
-        upper[name] = math.exp(ln) if ln is not None and ln < 700 else (None if ln is None else math.inf)
+        upper[name] = None if ln is None else (math.exp(ln) if ln < 700 else math.inf)
         upper["ln_" + name] = ln
         if num <= 0:
             warnings.append(f"{name}: the numerator is {num:.4g} <= 0, so the estimated upper bound is not informative")
-    table = {"tau": terms["curl_tau"], "upsilon": terms["upsilon"], "mu_acc": terms["centroid_accuracy"],
-             "L_Info": L, "d": d,
+    table = {"tau": terms["curl_tau"], "upsilon": terms["upsilon"], "mu_acc": mu_acc, "L_Info": L, "d": d,
              "curl_bound": terms["curl_bound"] + d, "curl_collision": terms["conflict_term"],
              "curl_L_sup": terms["curl_sup_loss"], "curl_L_sub": terms["curl_partial_sup_loss"] - terms["curl_sup_loss"],
              "bound": terms["bound"] + d, "L_sup": terms["sup_loss"] / 2, "L_sub": terms["partial_sup_loss"] / 2,
-             "collision_bound": (collision or {}).get("head"),
-             "ln_curl_upper_bound": upper["ln_arora"], "ln_upper_bound": upper["ln_ours_notebook"],
-             "ln_upper_bound_theorem": upper["ln_ours_theorem"]}
+             "collision_bound": (collision or {}).get("head"), "ln_curl_upper_bound": upper["ln_arora"],
+             "ln_upper_bound": upper["ln_ours_notebook"], "ln_upper_bound_theorem": upper["ln_ours_theorem"]}
     return {"terms": terms, "table": table, "upper_bounds": upper, "analytic": analytic,
             "collision_statistic": collision or {}, "warnings": warnings}
 
 
 # ------------------------------------------------------------------------------------------------
-# Empirical part: model, data, passes
+# Empirical part: the checkpoint's encoder and data, rebuilt without its training script
+# (VERBATIM copies of linear_eval.py / nlp_similar_words.py, kept identical by tests/test_eval_copies.py)
 # ------------------------------------------------------------------------------------------------
+
+def tokenize(text):
+    """torchtext's legacy `basic_english`: lower-case; pad ' . , ( ) ! ? with spaces; drop ";
+    turn ; : and <br /> into spaces; split on whitespace. Applied in torchtext's order."""
+    rules = ((r"'", " '  "), (r'"', ""), (r"\.", " . "), (r"<br \/>", " "), (r",", " , "), (r"\(", " ( "),
+             (r"\)", " ) "), (r"!", " ! "), (r"\?", " ? "), (r";", " "), (r":", " "), (r"\s+", " "))
+    text = text.lower()
+    for pattern, replacement in rules:
+        text = re.sub(pattern, replacement, text)
+    return text.split()
+
+
+def clean_ag_news(text):
+    """Undo AG News's escaping leftovers (optional; the original pipeline kept them): HTML entities
+    with or without their '&' (`#39;` -> ', `#36;` -> $, `&lt;` -> <), `\\$` -> $, and the other
+    backslashes (lost line breaks) -> spaces."""
+    text = re.sub(r"&?#(\d+);", lambda m: html.unescape(f"&#{m.group(1)};"), text)
+    text = re.sub(r"&(lt|gt|amp|quot);", lambda m: html.unescape(m.group(0)), text)
+    return text.replace("\\$", "$").replace("\\", " ")
+
+
+def read_ag_news(path):
+    """(texts, labels) of an AG News CSV: no header, a class 1..C, then text columns (title,
+    description) joined by a space; labels 0..C-1. FileNotFoundError / ValueError name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist (expected an AG News CSV: class, title, description)")
+    texts, labels, columns = [], [], None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if not row:
+                    continue
+                columns = columns or len(row)
+                if len(row) < 2 or len(row) != columns:
+                    raise ValueError(f"{path} line {line}: {len(row)} column(s); expected the same number on "
+                                     f"every row, at least 2 (class, title, description for AG News)")
+                if not row[0].strip().isdigit() or int(row[0]) < 1:
+                    raise ValueError(f"{path} line {line}: the class {row[0][:20]!r} is not an integer >= 1")
+                texts.append(" ".join(row[1:]))
+                labels.append(int(row[0]) - 1)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path} is not a UTF-8 CSV file ({err})") from None
+    if not texts:
+        raise ValueError(f"{path} holds no documents")
+    return texts, labels
+
+
+def encode(texts, vocab):
+    """Token ids of every text, concatenated: (ids LongTensor [total], offsets LongTensor [n + 1]).
+    Words outside `vocab` map to its last entry (<unk>)."""
+    stoi = {w: i for i, w in enumerate(vocab)}
+    unk, ids, offsets = len(vocab) - 1, [], [0]
+    for text in texts:
+        ids.extend(stoi.get(t, unk) for t in tokenize(text))
+        offsets.append(len(ids))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+
+
+def erase(tokens, ratio):
+    """Drop each token (1-D LongTensor) independently with probability `ratio`; order is kept.
+    Random numbers from torch's RNG; the indexing runs in numpy (several times faster per document)."""
+    keep = torch.rand(tokens.shape[0], dtype=torch.float64).numpy() >= ratio
+    return torch.from_numpy(tokens.numpy()[keep])
+
+
+def replace(tokens, table, ratio):
+    """Replace each token independently with probability `ratio` by table[token, r], r uniform in
+    0..k-1 (torch's RNG); the kept tokens come first, in order, then the replacements, in order.
+    The length is kept; identity rows make some replacements no-ops."""
+    ids = tokens.numpy()
+    keep = torch.rand(ids.shape[0], dtype=torch.float64).numpy() >= ratio
+    masked = ids[~keep]
+    pick = torch.randint(table.shape[1], (masked.shape[0],)).numpy()
+    return torch.from_numpy(np.concatenate([ids[keep], table.numpy()[masked, pick]]))
+
+
+class Documents(Dataset):
+    """(token ids, label) per document; `transform` (erase/replace) applied on every access."""
+
+    def __init__(self, texts, labels, vocab, transform=None):
+        ids, offsets = encode(texts, vocab)
+        self.docs = [ids[offsets[i]:offsets[i + 1]].clone() for i in range(len(texts))]
+        self.targets, self.transform, self.pad = list(labels), transform, len(vocab)
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        return (self.transform(self.docs[i]) if self.transform else self.docs[i]), self.targets[i]
+
+    def collate(self, batch):  # right-pad with len(vocab); an all-padding row is an empty document
+        out = torch.full((len(batch), max([1] + [len(t) for t, _ in batch])), self.pad, dtype=torch.long)
+        for i, (t, _) in enumerate(batch):
+            out[i, :len(t)] = t
+        return out, torch.tensor([y for _, y in batch])
+
+
+class TextAugment:
+    def __init__(self, kind, ratio, table):
+        self.kind, self.ratio, self.table = kind, ratio, table
+
+    def __call__(self, tokens):
+        return erase(tokens, self.ratio) if self.kind == "erase" else replace(tokens, self.table, self.ratio)
+
+
+class BagOfWords(nn.Module):
+    """nlp_similar_words.py's encoder: the mean of the word embeddings ([B, L] padded with len(vocab))."""
+
+    def __init__(self, num_words, dim):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(num_words + 1, dim, mode="mean", padding_idx=num_words)
+
+    def forward(self, x):
+        return self.embedding(x)
+
+
+def load_run(path, parser):
+    """The checkpoint (weights_only); a missing, junk or foreign file is a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        parser.error(f"cannot read checkpoint {path}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}")
+    keys = ("script", "args", "backbone", "head")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys) or not isinstance(ckpt["args"], dict):
+        parser.error(f"{path} is not a checkpoint of this project (needs {', '.join(keys)})")
+    need = ("vocab", "classes") if ckpt["script"] == "nlp_similar_words.py" else ("dataset", "data_dir", "arch")
+    if any(k not in (ckpt if k in ("vocab", "classes") else ckpt["args"]) for k in need):
+        parser.error(f"{path} ({ckpt['script']}) lacks {', '.join(need)}: cannot rebuild its encoder and data")
+    return ckpt
+
+
+def build_head(head):
+    """nn.Sequential from ckpt["head"] = {"layout": [[name, kind, sizes...]], "state": state_dict}."""
+    layers = OrderedDict()
+    for name, kind, *sizes in head["layout"]:
+        layers[name] = {"linear": lambda i, o, b: nn.Linear(i, o, bias=b), "bn": lambda n, a: nn.BatchNorm1d(n, affine=a),
+                        "relu": nn.ReLU}[kind](*sizes)
+    module = nn.Sequential(layers)
+    module.load_state_dict(head["state"])
+    return module
+
+
+class Encoder(nn.Module):
+    """Backbone, optionally the projection head, optionally L2-normalised (float32 out)."""
+
+    def __init__(self, backbone, head=None, normalize=False):
+        super().__init__()
+        self.backbone, self.head, self.normalize = backbone, head, normalize
+
+    def forward(self, x):
+        h = self.backbone(x)
+        h = (self.head(h) if self.head is not None else h).float()
+        return F.normalize(h, dim=1) if self.normalize else h
+
+
+def build_encoder(ckpt, features, normalize):
+    """The frozen encoder of a checkpoint, rebuilt without its training script."""
+    a = ckpt["args"]
+    if ckpt["script"] == "nlp_similar_words.py":
+        backbone = BagOfWords(len(ckpt["vocab"]), ckpt["backbone"]["embedding.weight"].shape[1])
+    else:
+        backbone = common.build_backbone(a["arch"], a.get("stem", "cifar"), a.get("width", 64), a.get("stem_padding", 1))
+    backbone.load_state_dict(ckpt["backbone"])
+    encoder = Encoder(backbone, build_head(ckpt["head"]) if features == "head" else None, normalize).eval()
+    return encoder.requires_grad_(False)
+
+
+def build_data(ckpt, data_dir, views=()):
+    """{"train", "test", *views} data sets of (input, label), and the collate function (text) or
+    None: plain train/test, "run"/"test_run" = train/test under the run's own augmentation (one
+    fresh draw per access), "crop_flip" = train under random resized crop + flip (images)."""
+    a = ckpt["args"]
+    root = data_dir or a["data_dir"]
+    if ckpt["script"] == "nlp_similar_words.py":
+        files = [os.path.join(root, f"{split}.csv") for split in ("train", "test")]
+        if not all(os.path.isfile(f) for f in files):
+            raise FileNotFoundError(f"{root} needs train.csv and test.csv (AG News format)")
+        vocab, texts = list(ckpt["vocab"]), [read_ag_news(f) for f in files]
+        if a.get("clean_text"):
+            texts = [([clean_ag_news(t) for t in x], y) for x, y in texts]
+        data = {"train": Documents(*texts[0], vocab), "test": Documents(*texts[1], vocab)}
+        for name in set(views) & {"run", "test_run"}:
+            data[name] = copy.copy(data["test" if name == "test_run" else "train"])
+            data[name].transform = TextAugment(a["augmentation"], a["mask_ratio"], ckpt.get("replace_ids"))
+        return data, data["train"].collate
+    norm = common.normalization(a.get("norm", "cifar10"), a["dataset"])
+    crop = a.get("crop_size", 32)
+    plain = common.eval_transform(norm, size=crop if a["dataset"] == "folder" else None)
+    run = common.train_transform(crop, blur_p=a.get("blur_p", 0.5), normalize=norm)
+    size = crop if a["dataset"] == "folder" else (96 if a["dataset"] == "stl10" else 32)
+    flip = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), plain])
+    make = {"train": ("train", plain), "test": ("test", plain), "run": ("train", run), "test_run": ("test", run),
+            "crop_flip": ("train", flip)}
+    data = {name: common.build_dataset(a["dataset"], root, split, t) for name, (split, t) in make.items()
+            if name in ("train", "test") or name in views}
+    if data["test"] is None or common.num_classes(data["train"]) == 0:
+        raise FileNotFoundError(f"no labelled train and test splits in {root} (expected {root}/test/<class>/*)")
+    if list(data["train"].classes) != list(data["test"].classes):
+        raise ValueError(f"the test classes {data['test'].classes} differ from the training classes")
+    return data, None
+
 
 def run_k_plus_1(run_args, world_size=1):
     """K+1 of a run: the batch one loss computation saw (per process with local negatives, per
@@ -552,83 +699,86 @@ def run_k_plus_1(run_args, world_size=1):
     return batch // max(run_args.get("num_chunks", 1), 1)
 
 
-def with_augmentation(plain, augmented):
-    """A copy of `plain` that draws its items the way `augmented` does: its `transform` (images:
-    the run's SimCLR augmentation; text: erase/replace per item) and its `collate_fn` (a script may
-    augment at batching instead). The bound needs fresh augmented views of the test items;
-    eval_datasets only augments the train split, so the test split borrows its augmentation."""
-    out = copy.copy(plain)
-    found = False
-    for attr in ("transform", "collate_fn"):
-        if getattr(augmented, attr, None) is not None:
-            setattr(out, attr, getattr(augmented, attr))
-            found = True
-    if not found:
-        raise common.UserError("the run's eval_datasets(train_augment=True) set has neither a transform nor a "
-                               "collate_fn to augment the test split with")
-    return out
-
-
-def head_and_features(model, inputs):
-    """(backbone features, head output) in float32: the head output is what the loss saw."""
-    h = model.backbone(inputs)
-    return h.float(), model.projector(h).float()
-
-
 @torch.no_grad()
-def augmentation_means(model, dataset, views, batch_size, workers, device, keep=0, bar=None):
-    """f-bar(x) = (1/V) sum_v normalize(g(f(a_v(x)))) over V independent augmentations (the
-    authors: 5 passes x 2 views = 10), not re-normalised; also the labels, the class means
-    mu = (1/V) sum_v common.class_means(view v) (= the class means of f-bar), and the raw
-    (backbone, head) outputs of the first `keep` views (the collision statistic's two views)."""
-    loader = common.eval_loader(dataset, batch_size, workers, device)
-    fbar, labels, mu, kept = None, None, None, []
+def augmentation_means(model, dataset, views, batch_size, workers, device, collate=None, keep=0):
+    """f-bar(x) = (1/V) sum_v normalize(head(a_v(x))) over V independent augmentations (the
+    authors: 5 passes x 2 views = 10), NOT re-normalised; the labels; and the raw (backbone, head)
+    outputs of the first `keep` passes (the collision statistic's two views)."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    fbar, kept = 0.0, []
     for v in range(views):
         hs, zs, ys = [], [], []
-        for batch in loader:
-            h, z = head_and_features(model, batch[0].to(device, non_blocking=True))
-            zs.append(F.normalize(z, dim=1))
-            ys.append(torch.as_tensor(batch[1]).to(device))
-            if v < keep:
-                hs.append(h)
-            if bar is not None:
-                bar.update(1)
+        for x, y in loader:
+            h = model.backbone(x.to(device))
+            hs.append(h.float())
+            zs.append(model.head(h).float())
+            ys.append(torch.as_tensor(y).to(device))
         z, labels = torch.cat(zs), torch.cat(ys)
-        fbar = z if fbar is None else fbar + z
-        num_classes = max(len(getattr(dataset, "classes", []) or []), int(labels.max()) + 1)
-        means = common.class_means(z, labels, num_classes)
-        mu = means if mu is None else mu + means
+        fbar = fbar + F.normalize(z, dim=1)
         if v < keep:
             kept.append((torch.cat(hs), z))
-    return fbar / views, labels, mu / views, kept
+    return fbar / views, labels, kept
+
+
+def mean_of_classes(x, labels, num_classes):
+    """[C, D] plain means of the rows of each class (mu_c = E f-bar, not re-normalised)."""
+    sums = x.new_zeros(num_classes, x.shape[1]).index_add_(0, labels, x)
+    return sums / torch.bincount(labels, minlength=num_classes).clamp(min=1).to(x.dtype)[:, None]
+
+
+def kmeans(x, k, restarts=5, iterations=1000, generator=None):
+    """Lloyd's k-means (squared Euclidean), `restarts` random initialisations (k distinct rows),
+    the lowest inertia kept: (centroids [k, D], assignment [N]). faiss's Kmeans in the original."""
+    best = None
+    for _ in range(restarts):
+        c = x[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].clone()
+        for _ in range(iterations):
+            assign = torch.cdist(x, c).argmin(dim=1)
+            new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+            if torch.equal(new, c):
+                break
+            c = new
+        assign = torch.cdist(x, c).argmin(dim=1)
+        inertia = float(((x - c[assign]) ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, c, assign)
+    return best[1], best[2]
+
+
+def sub_class_means(train_fbar, train_y, test_fbar, test_y, k, seed):
+    """Nozawa & Sato's latent sub-classes (nlp_bound.py): k-means with k clusters (5 restarts) on the
+    training f-bar of each class c; sub-class c k + j. Test items go to the nearest of their class's
+    k centroids. Returns (mu [C k, D] = the centroids, train sub-labels, test sub-labels)."""
+    mu, train_sub, test_sub = [], train_y.clone(), test_y.clone()
+    for c in range(int(train_y.max()) + 1):
+        rows = train_fbar[train_y == c]
+        if rows.shape[0] < k:
+            raise ValueError(f"class {c} has {rows.shape[0]} training items, fewer than --sub_classes {k}")
+        centroids, assign = kmeans(rows.double(), k, generator=torch.Generator().manual_seed(seed + c))
+        train_sub[train_y == c] = c * k + assign.to(train_y.device)
+        if (test_y == c).any():
+            test_sub[test_y == c] = c * k + torch.cdist(test_fbar[test_y == c].double(), centroids).argmin(dim=1)
+        mu.append(centroids.to(train_fbar.dtype))
+    return torch.cat(mu), train_sub, test_sub
 
 
 @torch.no_grad()
-def bound_loop(model, dataset, fbar, labels, mu, k_plus_1, passes, temperature, workers, device, generator, bar=None):
+def bound_loop(model, dataset, fbar, labels, mu, k_plus_1, passes, temperature, workers, device, generator,
+               collate=None):
     """`passes` shuffled passes over `dataset` (augmented test items) in batches of exactly K+1
     (the last partial batch dropped); each batch gets two fresh augmentations (two loaders over
     the same index lists) and adds batch_bound_sums. Returns the accumulated sums."""
-    collate = getattr(dataset, "collate_fn", None)
-    total = {}
-    num_classes = mu.shape[0]
-    n_batches = len(dataset) // k_plus_1
+    total, n_batches = {}, len(dataset) // k_plus_1
     for _ in range(passes):
-        order = torch.randperm(len(dataset), generator=generator)[: n_batches * k_plus_1]
-        batches = order.view(n_batches, k_plus_1).tolist()
-        view0 = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                           pin_memory=device.type == "cuda")
-        view1 = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                           pin_memory=device.type == "cuda")
-        for index, b0, b1 in zip(batches, view0, view1):
+        batches = torch.randperm(len(dataset), generator=generator)[:n_batches * k_plus_1].view(n_batches, -1).tolist()
+        view0, view1 = (DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+                        for _ in range(2))
+        for index, (x0, _), (x1, _) in zip(batches, view0, view1):
+            z0, z1 = model(x0.to(device)), model(x1.to(device))
             index = torch.as_tensor(index, device=device)
-            z0 = head_and_features(model, b0[0].to(device, non_blocking=True))[1]
-            z1 = head_and_features(model, b1[0].to(device, non_blocking=True))[1]
-            add_sums(total, batch_bound_sums(z0, z1, labels[index], fbar[index], mu, temperature, num_classes))
-            # Identical views mean the augmentation is not random per loader (e.g. a RandomState
-            # owned by the data set and copied into each worker): the bound would be meaningless.
+            add_sums(total, batch_bound_sums(z0, z1, labels[index], fbar[index], mu, temperature, mu.shape[0]))
+            # identical views: the augmentation draws no fresh randomness per view; the bound is meaningless
             total["identical_view_batches"] = total.get("identical_view_batches", 0) + int(torch.equal(z0, z1))
-            if bar is not None:
-                bar.update(1)
     return total
 
 
@@ -649,109 +799,80 @@ def analytic_terms(k_plus_1, counts):
     return {"model": f"batches of K+1 = {k_plus_1} without replacement from {M} test items "
                      f"({'balanced, %d per class' % counts[0] if len(set(counts)) == 1 else 'unbalanced'})",
             "upsilon": math.exp(log_u), "log_upsilon": log_u, "one_minus_upsilon": complement,
-            "tau": tau, "one_minus_tau": one_minus_tau, "expected_log_collision": log_col,
-            "upsilon_iid": coverage_probability(k_plus_1, C), "tau_iid": collision_probability(k_plus_1 - 1, C),
-            "expected_log_collision_iid": expected_log_collision(k_plus_1 - 1, C)}
+            "tau": tau, "one_minus_tau": one_minus_tau, "expected_log_collision": log_col}
 
 
-def evaluate(args):
-    """`bound.py evaluate`: everything of §2.5 of the spec for one checkpoint -> bounds.json."""
-    ckpt = common.load_checkpoint(args.checkpoint, keys=("args", "epoch", "model"))
-    run = dict(ckpt["args"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = common.model_from_checkpoint(ckpt).to(device)  # imports the script, or a one-line error
+def evaluate(args, parser):
+    """`bound.py evaluate`: the authors' bound loop on one checkpoint -> bounds.json."""
+    ckpt = load_run(args.checkpoint, parser)
+    run = ckpt["args"]
     k_plus_1 = args.batch or run_k_plus_1(run, ckpt.get("world_size", 1))
-    if not k_plus_1:
-        raise common.UserError("the checkpoint's arguments have no batch_size; give K+1 with --batch")
+    if not k_plus_1 or k_plus_1 < 2:
+        parser.error("the checkpoint's arguments give no batch size; give K+1 with --batch")
     temperature = args.temperature or run.get("temperature", 0.5)
-    data_dir = args.data_dir or run.get("data_dir")
-    # A training script with its own data (text) provides eval_datasets; images use common's.
-    train_aug, test_plain = common.run_datasets(ckpt, train_augment=True, data_dir=data_dir)
-    if test_plain is None:
-        raise common.UserError(f"{data_dir} has no test split; the bound loop runs on test/<class>/*")
-    test_aug = with_augmentation(test_plain, train_aug)  # before subsetting: a Subset has no transform
-    train_aug = common.subset(train_aug, args.train_subset)
-    test_plain = common.subset(test_plain, args.test_subset)
-    test_aug = common.subset(test_aug, args.test_subset)
-    if len(test_aug) < k_plus_1:
-        raise common.UserError(f"the test split has {len(test_aug)} items, fewer than one batch of K+1 = {k_plus_1}")
-    common.seed_everything(args.seed)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "bounds.json")
+    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK) or os.path.isdir(out):
+        parser.error(f"cannot write --out {out}")
+    try:
+        data, collate = build_data(ckpt, args.data_dir, ("run", "test_run"))
+        model = build_encoder(ckpt, "head", False)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        parser.error(str(err).splitlines()[0])
+    data = {k: common.subset(v, args.test_subset if k.startswith("test") else args.train_subset) for k, v in data.items()}
+    if len(data["test_run"]) < k_plus_1:
+        parser.error(f"the test split has {len(data['test_run'])} items, fewer than one batch of K+1 = {k_plus_1}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     views = 2 * args.num_augmentations
-    show = sys.stderr.isatty()
-    steps = views * (math.ceil(len(train_aug) / args.feature_batch) + math.ceil(len(test_aug) / args.feature_batch)) \
-        + args.passes * (len(test_aug) // k_plus_1) + math.ceil(len(test_plain) / args.feature_batch)
-    bar = common.progress_bar(steps, "bound", show)
 
-    train_fbar, train_labels, mu, kept = augmentation_means(model, train_aug, views, args.feature_batch, args.workers,
-                                                            device, keep=2, bar=bar)
-    test_fbar, test_labels, _, _ = augmentation_means(model, test_aug, views, args.feature_batch, args.workers,
-                                                      device, bar=bar)
-    num_classes = max(mu.shape[0], int(test_labels.max()) + 1)
-    if num_classes > mu.shape[0]:  # a class the (sub)set of training items lacks: a zero mean
-        mu = torch.cat([mu, mu.new_zeros(num_classes - mu.shape[0], mu.shape[1])])
-    sums = bound_loop(model, test_aug, test_fbar, test_labels, mu, k_plus_1, args.passes, temperature,
-                      args.workers, device, generator, bar)
-    clean_loader = common.eval_loader(test_plain, args.feature_batch, args.workers, device)
-    clean, clean_labels = common.extract_features(lambda x: head_and_features(model, x)[1], clean_loader, device,
-                                                  progress=bar)
-    if bar is not None:
-        bar.close()
-    top1, top5 = common.topk_correct(clean @ mu.T, clean_labels, ks=(1, 5))
-    collision = {"head": collision_statistic(kept[0][1], kept[1][1], train_labels),
-                 "without_head": collision_statistic(kept[0][0], kept[1][0], train_labels)}
-    counts = torch.bincount(test_labels, minlength=num_classes).tolist()
-    report = bound_report(sums, num_classes, k_plus_1, analytic_terms(k_plus_1, counts), collision)
+    # f-bar of every training and test item; the class means of the training f-bar (or sub-classes)
+    mean_args = (views, args.feature_batch, args.workers, device, collate)
+    train_fbar, train_y, kept = augmentation_means(model, data["run"], *mean_args, keep=2)
+    test_fbar, test_y, _ = augmentation_means(model, data["test_run"], *mean_args)
+    classes = max(int(train_y.max()), int(test_y.max())) + 1
+    if args.sub_classes > 1:
+        try:
+            mu, train_sub, test_sub = sub_class_means(train_fbar, train_y, test_fbar, test_y, args.sub_classes, args.seed)
+        except ValueError as err:
+            parser.error(str(err))
+    else:
+        mu, train_sub, test_sub = mean_of_classes(train_fbar, train_y, classes), train_y, test_y
+    sums = bound_loop(model, data["test_run"], test_fbar, test_sub, mu, k_plus_1, args.passes, temperature,
+                      args.workers, device, generator, collate)
+    # The paper's "mu acc": clean test inputs, training class means (sub-classes mapped back to classes)
+    clean, clean_y, _ = augmentation_means(model, data["test"], 1, args.feature_batch, args.workers, device, collate)
+    predicted = (clean @ mu.T).argmax(dim=1) // args.sub_classes
+    mu_acc = 100.0 * float((predicted == clean_y).double().mean())
+    collision = {"head": collision_statistic(kept[0][1], kept[1][1], train_y),
+                 "without_head": collision_statistic(kept[0][0], kept[1][0], train_y)}
+    report = bound_report(sums, mu.shape[0], k_plus_1, analytic_terms(k_plus_1, torch.bincount(
+        test_sub, minlength=mu.shape[0]).tolist()), collision, mu_acc)
     if sums.get("identical_view_batches"):
         report["warnings"].append(f"{sums['identical_view_batches']} batches had two identical augmented views: the "
                                   f"run's augmentation does not draw fresh randomness per view")
-    report["mean_classifier"] = {"accuracy_augmented": report["terms"]["centroid_accuracy"],
-                                 "accuracy_clean_top1": 100.0 * top1 / len(clean_labels),
-                                 "accuracy_clean_top5": 100.0 * top5 / len(clean_labels)}
+    report["mean_classifier"] = {"mu_acc_clean_test": mu_acc, "sub_classes": args.sub_classes}
     report["settings"] = {"checkpoint": os.path.abspath(args.checkpoint), "script": ckpt["script"],
-                          "epoch": ckpt["epoch"], "k_plus_1": k_plus_1, "num_classes": num_classes,
-                          "temperature": temperature, "passes": args.passes,
-                          "num_augmentations": args.num_augmentations, "views_per_item": views,
-                          "batches_per_pass": len(test_aug) // k_plus_1, "samples": int(sums["samples"]),
-                          "train_items": len(train_aug), "test_items": len(test_aug), "seed": args.seed,
-                          "run_seed": run.get("seed"), "data_dir": data_dir}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "bounds.json")
-    common.write_text(out, json.dumps(_plain(report), indent=2) + "\n")
+                          "epoch": ckpt.get("epoch"), "k_plus_1": k_plus_1, "num_classes": mu.shape[0],
+                          "labelled_classes": classes, "sub_classes": args.sub_classes, "temperature": temperature,
+                          "passes": args.passes, "views_per_item": views, "batches_per_pass": len(data["test_run"]) // k_plus_1,
+                          "samples": int(sums["samples"]), "train_items": len(data["run"]),
+                          "test_items": len(data["test_run"]), "seed": args.seed, "run_seed": run.get("seed")}
+    write_text(out, json.dumps(_plain(report), indent=2) + "\n")
     if args.save_features:
-        common.save_checkpoint({"train_fbar": train_fbar.cpu(), "test_fbar": test_fbar.cpu(), "mu": mu.cpu(),
-                                "train_labels": train_labels.cpu(), "test_labels": test_labels.cpu()},
-                               os.path.splitext(out)[0] + "_features.pt")
+        torch.save({"train_fbar": train_fbar.cpu(), "test_fbar": test_fbar.cpu(), "mu": mu.cpu(),
+                    "train_labels": train_sub.cpu(), "test_labels": test_sub.cpu()}, os.path.splitext(out)[0] + "_features.pt")
     for warning in report["warnings"]:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    print(summary_text(report))
-    print(f"wrote {out}")
+    print(f"{ckpt['script']} epoch {ckpt.get('epoch')}, K+1 = {k_plus_1}, C = {mu.shape[0]}: "
+          + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report["table"].items())
+          + f"\nwrote {out}")
     return report
 
 
-def summary_text(report):
-    s, t, u = report["settings"], report["terms"], report["upper_bounds"]
-
-    def fmt(x):
-        return "null" if x is None else f"{x:.4g}"
-
-    return "\n".join([
-        f"{s['script']} epoch {s['epoch']}: K+1 = {s['k_plus_1']}, C = {s['num_classes']}, t = {s['temperature']}, "
-        f"{s['passes']} passes x {s['batches_per_pass']} batches, f-bar from {s['views_per_item']} views",
-        f"  L_Info {t['SimCLR_loss']:.4f}  NT-Xent {t['Original_SimCLR_loss']:.4f}  d(f) {t['assumption_value']:.4f}  "
-        f"upsilon {t['upsilon']:.4f}  tau {t['curl_tau']:.4f}  E ln(1+Col) {t['conflict_term']:.4f}",
-        f"  lower bound (with d): ours {report['table']['bound']:.4f}  "
-        f"Arora et al. {report['table']['curl_bound']:.4f}; "
-        f"L_sup over all batches {t['sup_loss_all']:.4f}",
-        f"  ln upper bound of L_sup: ours (theorem) {fmt(u['ln_ours_theorem'])}  ours (notebook) "
-        f"{fmt(u['ln_ours_notebook'])}  Arora et al. {fmt(u['ln_arora'])}",
-        f"  mean classifier: {t['centroid_accuracy']:.2f}% (2 augmented views), "
-        f"{report['mean_classifier']['accuracy_clean_top1']:.2f}% (clean test inputs)",
-        f"  collision statistic: head {fmt(report['collision_statistic'].get('head'))}  "
-        f"without head {fmt(report['collision_statistic'].get('without_head'))}"])
-
-
 # ------------------------------------------------------------------------------------------------
-# Output helpers
+# Output helpers, table3 and coverage
 # ------------------------------------------------------------------------------------------------
 
 def _plain(value):
@@ -760,98 +881,64 @@ def _plain(value):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def csv_text(rows, columns):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+def write_text(path, text):
+    """Write atomically: a temporary file, then os.replace."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
-
-def write_outputs(rows, columns, csv_path=None, json_path=None):
-    if csv_path:
-        common.write_text(csv_path, csv_text(rows, columns))
-    if json_path:
-        common.write_text(json_path, json.dumps(_plain(rows), indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------
-# table3 and coverage
-# ------------------------------------------------------------------------------------------------
 
 def read_counts(path):
-    """Per-class counts from JSON (a list, or a dict name -> count, as imagenet_count.json) or
-    text (one count per line, optionally 'name count')."""
+    """Per-class counts from a JSON list, or a dict name -> count (as imagenet_count.json)."""
     if not os.path.isfile(path):
-        raise common.UserError(f"class-count file {path} does not exist")
-    with open(path) as f:
-        text = f.read()
+        raise ValueError(f"class-count file {path} does not exist")
     try:
-        data = json.loads(text)
-        values = list(data.values()) if isinstance(data, dict) else list(data)
-    except json.JSONDecodeError:
-        values = [line.split()[-1] for line in text.splitlines() if line.strip()]
-    try:
-        counts = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise common.UserError(f"{path}: expected numbers (a JSON list/dict of counts or one count per line)") from None
+        with open(path) as f:
+            data = json.load(f)
+        counts = [float(v) for v in (data.values() if isinstance(data, dict) else data)]
+    except (ValueError, TypeError):
+        raise ValueError(f"{path}: expected a JSON list or dict of per-class counts") from None
     if not counts or any(c <= 0 or not math.isfinite(c) for c in counts):
-        raise common.UserError(f"{path}: counts must be positive numbers")
+        raise ValueError(f"{path}: counts must be positive numbers")
     return counts
 
 
 def table3(args):
-    rows = [{"dataset": name, "classes": C, "expected": float(expected_draws_exact(C)),
-             "ceil": math.ceil(expected_draws_exact(C)), "paper": paper} for name, C, paper in TABLE3]
+    rows = [(name, C, float(expected_draws_exact(C)), paper) for name, C, paper in TABLE3]
     if args.imagenet_counts:
-        counts = read_counts(args.imagenet_counts)
-        probs = np.asarray(counts) / math.fsum(counts)
-        value = expected_draws_to_cover(class_probs=probs / math.fsum(probs.tolist()))
-        rows.append({"dataset": "ImageNet", "classes": len(counts), "expected": value, "ceil": math.ceil(value),
-                     "paper": TABLE3_IMAGENET})
-    print(f"{'dataset':<10} {'classes':>8} {'E[K+1]':>14} {'ceil':>7} {'paper':>7}")
-    for r in rows:
-        print(f"{r['dataset']:<10} {r['classes']:>8} {r['expected']:>14.6f} {r['ceil']:>7} {r['paper']:>7}")
-    if not args.imagenet_counts:
+        counts = np.asarray(read_counts(args.imagenet_counts))
+        rows.append(("ImageNet", counts.size, expected_draws_to_cover(class_probs=counts / math.fsum(counts.tolist())),
+                     TABLE3_IMAGENET))
+    else:
         print("note: the paper's ImageNet row (7709, non-uniform classes) needs per-class training counts: "
               "--imagenet_counts FILE (imagenet_count.json is not in the authors' repository)", file=sys.stderr)
-    write_outputs(rows, ["dataset", "classes", "expected", "ceil", "paper"], args.csv, args.json)
+    print(f"{'dataset':<10} {'classes':>8} {'E[K+1]':>14} {'ceil':>7} {'paper':>7}")
+    for name, C, expected, paper in rows:
+        print(f"{name:<10} {C:>8} {expected:>14.6f} {math.ceil(expected):>7} {paper:>7}")
     return rows
 
 
 def coverage(args):
-    probs = None
-    if args.probs or args.counts_file:
-        values = args.probs or read_counts(args.counts_file)
-        total = math.fsum(values)
-        probs = [v / total for v in values] if args.counts_file else values
-    C = len(probs) if probs is not None else args.classes
+    C = len(args.probs) if args.probs else args.classes
+    print(f"C = {C} classes, draws " + (f"without replacement from {C} x {args.per_class}" if args.per_class else
+          "i.i.d.") + "; tau and E ln(1+Col) (uniform classes) are for K = draws - 1 negatives")
+    print(f"{'K+1':>7} {'upsilon':>16} {'1 - upsilon':>16} {'ln upsilon':>14} {'tau_K':>12} {'E ln(1+Col)':>12}")
     rows = []
     for n in args.draws:
-        log_u, complement = _coverage(n, None if probs is not None else C, probs, args.per_class)
-        tau = log_col = None  # tau and E ln(1 + Col) for uniform classes
-        if probs is None and n >= 1:
+        log_u, complement = _coverage(n, None if args.probs else C, args.probs, args.per_class)
+        tau = log_col = None
+        if not args.probs and n >= 1:
             tau, _, log_col = _collision_terms(n - 1, C, args.per_class)
-        rows.append({"draws": n, "upsilon": math.exp(log_u), "log_upsilon": log_u, "one_minus_upsilon": complement,
-                     "tau": tau, "expected_log_collision": log_col})
+        rows.append({"draws": n, "upsilon": math.exp(log_u), "log_upsilon": log_u, "tau": tau,
+                     "expected_log_collision": log_col})
+        extra = "" if tau is None else f" {tau:>12.8g} {log_col:>12.8g}"
+        print(f"{n:>7} {math.exp(log_u):>16.10g} {complement:>16.10g} {log_u:>14.8g}{extra}")
         if n < C:
             print(f"{PROG}: warning: {n} draws < {C} classes: no batch of {n} contains every class (upsilon = 0), "
                   f"so a bound divided by upsilon is vacuous", file=sys.stderr)
-    kind = (f"without replacement from {C} x {args.per_class}" if args.per_class else "i.i.d.") + \
-           (" (non-uniform classes)" if probs is not None else " (uniform classes)")
-    print(f"C = {C} classes, draws {kind}; tau and E ln(1+Col) are for K = draws - 1 negatives")
-    print(f"{'K+1':>7} {'upsilon':>16} {'1 - upsilon':>16} {'ln upsilon':>14} {'tau_K':>12} {'E ln(1+Col)':>12}")
-    for r in rows:
-        extra = "" if r["tau"] is None else f" {r['tau']:>12.8g} {r['expected_log_collision']:>12.8g}"
-        print(f"{r['draws']:>7} {r['upsilon']:>16.10g} {r['one_minus_upsilon']:>16.10g} "
-              f"{r['log_upsilon']:>14.8g}{extra}")
-    write_outputs(rows, ["draws", "upsilon", "one_minus_upsilon", "log_upsilon", "tau", "expected_log_collision"],
-                  args.csv, args.json)
     return rows
 
 
@@ -859,48 +946,42 @@ def coverage(args):
 # plot: Figure 1 and Table 2 from a set of runs
 # ------------------------------------------------------------------------------------------------
 
-TABLE_ROWS = (("tau", "τ"), ("upsilon", "υ"), ("accuracy", "accuracy"), ("L_Info", "L_Info"), ("d", "d(f)"),
-              ("curl_bound", "†bound"), ("curl_collision", "†Collision"), ("curl_L_sup", "†L_sup"),
-              ("curl_L_sub", "†L_sub"), ("bound", "bound"), ("L_sup", "L_sup"), ("L_sub", "L_sub"),
-              ("collision_bound", "Collision bound"), ("ln_curl_upper_bound", "ln †upper bound of L_sup"),
+TABLE_ROWS = (("tau", "τ"), ("upsilon", "υ"), ("mu_acc", "μ acc (mean classifier, clean test)"),
+              ("accuracy", "linear acc"), ("L_Info", "L_Info"), ("d", "d(f)"), ("curl_bound", "†bound"),
+              ("curl_collision", "†Collision"), ("curl_L_sup", "†L_sup"), ("curl_L_sub", "†L_sub"),
+              ("bound", "bound"), ("L_sup", "L_sup"), ("L_sub", "L_sub"), ("collision_bound", "Collision bound"),
+              ("ln_curl_upper_bound", "ln †upper bound of L_sup"),
               ("ln_upper_bound", "ln upper bound of L_sup (notebook)"),
               ("ln_upper_bound_theorem", "ln upper bound of L_sup (theorem)"))
+BARS = (("ln_curl_upper_bound", "Arora et al.", "tab:gray"), ("ln_upper_bound", "Ours (notebook)", "tab:blue"),
+        ("ln_upper_bound_theorem", "Ours (theorem)", "tab:cyan"))
 
 
-def _lookup(data, dotted):
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def load_runs(paths, accuracy_file=None, accuracy_key=None):
-    """One dict per run: K+1, the table rows of its bounds.json and the accuracy shown (the
-    mean classifier of the bound loop, or `accuracy_key` of RUN_DIR/accuracy_file, e.g. a linear
-    probe's result; a value <= 1 is read as a fraction)."""
+def load_runs(paths, accuracy_file, accuracy_key):
+    """One dict per run: K+1, the table rows of its bounds.json, and "accuracy" = `accuracy_key`
+    (dotted) of RUN_DIR/accuracy_file (default eval.json's linear.top1, linear_eval.py's probe;
+    a value <= 1 is read as a fraction). Raises ValueError with the file to fix."""
     runs = []
     for path in paths:
         file = os.path.join(path, "bounds.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise common.UserError(f"{file} does not exist (run `bound.py evaluate` on that run first)")
         try:
             with open(file) as f:
                 report = json.load(f)
-            row = dict(report["table"])
-            row["k_plus_1"] = int(report["settings"]["k_plus_1"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise common.UserError(f"{file} is not a bounds.json written by bound.py evaluate") from None
-        row["accuracy"] = row["mu_acc"]
+            row = dict(report["table"], k_plus_1=int(report["settings"]["k_plus_1"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ValueError(f"{file} is not a bounds.json written by `bound.py evaluate`") from None
         if accuracy_file:
-            acc_path = os.path.join(os.path.dirname(file), accuracy_file)
+            acc_path = os.path.join(os.path.dirname(os.path.abspath(file)), accuracy_file)
             try:
                 with open(acc_path) as f:
-                    value = _lookup(json.load(f), accuracy_key)
+                    value = json.load(f)
             except (OSError, json.JSONDecodeError):
-                raise common.UserError(f"cannot read {acc_path}") from None
+                raise ValueError(f"cannot read {acc_path} (run `linear_eval.py RUN/last.pt --protocol nozawa` "
+                                 f"first, or give --accuracy_file '')") from None
+            for part in accuracy_key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
             if not isinstance(value, (int, float)):
-                raise common.UserError(f"{acc_path} has no number at key {accuracy_key!r}")
+                raise ValueError(f"{acc_path} has no number at key {accuracy_key!r}")
             row["accuracy"] = 100.0 * value if value <= 1 else float(value)
         runs.append(row)
     return runs
@@ -922,56 +1003,53 @@ def group_runs(runs):
     return out
 
 
-def plot(args):
-    runs = load_runs(args.runs, args.accuracy_file, args.accuracy_key)
-    groups = group_runs(runs)
-    ks = list(groups)
-    header = ["row"] + [f"K+1={k}" for k in ks]
-    csv_rows = [dict({"row": key}, **{f"K+1={k}": groups[k].get(key, (None,))[0] for k in ks}) for key, _ in TABLE_ROWS]
-    if args.csv:
-        common.write_text(args.csv, csv_text(csv_rows, header))
-    lines = ["| row | " + " | ".join(str(k) for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for key, label in TABLE_ROWS:
-        cells = [f"{groups[k][key][0]:.2f}" if key in groups[k] else "–" for k in ks]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + "\n"
-    if args.markdown:
-        common.write_text(args.markdown, markdown)
-    print(markdown, end="")
-
+def figure(groups, accuracy_label):
+    """Figure 1: ln upper bounds of L_sup as bars per K+1 (mean, std over seeds) and the accuracy
+    on a second axis. Returns the matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    ks = list(groups)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    x = np.arange(len(ks))
-    bars = (("ln_curl_upper_bound", "Arora et al.", "tab:gray"), ("ln_upper_bound", "Ours (notebook)", "tab:blue"),
-            ("ln_upper_bound_theorem", "Ours (theorem)", "tab:cyan"))
-    width = 0.8 / len(bars)
-    for i, (key, label, color) in enumerate(bars):
-        mean = [groups[k][key][0] if key in groups[k] else np.nan for k in ks]
-        std = [groups[k][key][1] if key in groups[k] else 0.0 for k in ks]
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width, yerr=std, label=label, color=color)
+    x, width = np.arange(len(ks)), 0.8 / len(BARS)
+    for i, (key, label, color) in enumerate(BARS):
+        ax.bar(x + (i - (len(BARS) - 1) / 2) * width, [groups[k].get(key, (np.nan,))[0] for k in ks], width,
+               yerr=[groups[k].get(key, (0, 0.0))[1] for k in ks], label=label, color=color)
     ax.set_xticks(x, [str(k) for k in ks])
     ax.set_xlabel("K + 1")
-    # ln of the bound on a linear axis = the paper's log-scale bars, and finite where the bound
-    # itself overflows a float (Arora et al. at large K).
+    # ln of the bound on a linear axis = the paper's log-scale bars, finite where the bound overflows
     ax.set_ylabel("ln (upper bound of supervised loss)")
-    acc = ax.twinx()
-    acc.errorbar(x, [groups[k].get("accuracy", (np.nan,))[0] for k in ks],
-                 yerr=[groups[k].get("accuracy", (0, 0.0))[1] for k in ks], color="tab:red", marker="o",
-                 label="accuracy")
-    acc.set_ylabel(args.accuracy_label or ("mean-classifier accuracy (%)" if not args.accuracy_file else "accuracy (%)"))
-    handles = ax.get_legend_handles_labels()
-    handles2 = acc.get_legend_handles_labels()
-    ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper left", fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    if any("accuracy" in groups[k] for k in ks):
+        acc = ax.twinx()
+        acc.errorbar(x, [groups[k].get("accuracy", (np.nan,))[0] for k in ks],
+                     yerr=[groups[k].get("accuracy", (0, 0.0))[1] for k in ks], color="tab:red", marker="o",
+                     label=accuracy_label)
+        acc.set_ylabel(accuracy_label)
+        handles, labels = handles + acc.get_legend_handles_labels()[0], labels + [accuracy_label]
+    ax.legend(handles, labels, loc="upper left", fontsize="small")
     fig.tight_layout()
-    try:
-        with common.atomic_path(args.out) as tmp:  # keeps the extension: savefig picks the format from it
-            fig.savefig(tmp, dpi=args.dpi)
-    finally:
-        plt.close(fig)
-    print(f"wrote {args.out}" + "".join(f", {p}" for p in (args.csv, args.markdown) if p))
+    return fig
+
+
+def plot(args):
+    groups = group_runs(load_runs(args.runs, args.accuracy_file, args.accuracy_key))
+    ks = list(groups)
+    lines = ["| row | " + " | ".join(str(k) for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for key, label in TABLE_ROWS:
+        lines.append(f"| {label} | " + " | ".join(f"{groups[k][key][0]:.2f}" if key in groups[k] else "–"
+                                                   for k in ks) + " |")
+    if args.markdown:
+        write_text(args.markdown, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib.pyplot as plt
+    fig = figure(groups, "linear probe top-1 (%)" if args.accuracy_key == "linear.top1" else f"{args.accuracy_key} (%)")
+    root, ext = os.path.splitext(args.out)
+    fig.savefig(root + ".tmp" + ext, dpi=150)  # savefig picks the format from the extension
+    plt.close(fig)
+    os.replace(root + ".tmp" + ext, args.out)
+    print(f"wrote {args.out}" + (f", {args.markdown}" if args.markdown else ""))
     return groups
 
 
@@ -979,105 +1057,85 @@ def plot(args):
 # Command line
 # ------------------------------------------------------------------------------------------------
 
-def _nonnegative(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int(minimum):
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def build_parser():
+def get_parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog=PROG, description="Nozawa & Sato's analysis of negative samples.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, metavar="{table3,coverage,evaluate,plot}")
-
-    t = sub.add_parser("table3", help="Table 3: expected K+1 to see every class",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("table3", help="Table 3: expected K+1 to see every class", formatter_class=fmt)
     t.add_argument("--imagenet_counts", default=None,
-                   help="per-class training counts of ImageNet (JSON list/dict or one per line) to add its row")
-    t.add_argument("--csv", default=None, help="also write the table as CSV here")
-    t.add_argument("--json", default=None, help="also write the table as JSON here")
+                   help="per-class training counts of ImageNet (JSON list or dict) to add its row")
 
     c = sub.add_parser("coverage", help="upsilon (all classes seen), tau and E ln(1+Col) for given K+1",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = c.add_argument_group("classes")
-    g.add_argument("--classes", type=_positive, default=None, help="C, uniform classes")
-    g.add_argument("--probs", type=float, nargs="+", default=None, help="class probabilities (must sum to 1)")
-    g.add_argument("--counts_file", default=None, help="class probabilities from per-class counts (JSON or text)")
-    g.add_argument("--per_class", type=_positive, default=None,
+                       formatter_class=fmt)
+    c.add_argument("--classes", type=_int(1), default=None, help="C, uniform classes")
+    c.add_argument("--probs", type=float, nargs="+", default=None, help="class probabilities (must sum to 1)")
+    c.add_argument("--per_class", type=_int(1), default=None,
                    help="draw without replacement from a balanced pool of this many items per class (uniform only)")
-    g = c.add_argument_group("draws and output")
-    g.add_argument("--draws", type=int, nargs="+", required=True, help="numbers of draws n = K+1")
-    g.add_argument("--csv", default=None, help="also write the rows as CSV here")
-    g.add_argument("--json", default=None, help="also write the rows as JSON here")
+    c.add_argument("--draws", type=int, nargs="+", required=True, help="numbers of draws n = K+1")
 
-    e = sub.add_parser("evaluate", help="the bound loop on a checkpoint -> bounds.json",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = e.add_argument_group("run")
-    g.add_argument("--checkpoint", required=True, help="last.pt of a training script with build_model(args)")
-    g.add_argument("--data_dir", default=None, help="data root; if unset, the run's own --data_dir")
-    g.add_argument("--out", default=None, help="output JSON; if unset, bounds.json next to the checkpoint")
-    g.add_argument("--save_features", action="store_true", help="also save f-bar and mu to <out>_features.pt")
-    g = e.add_argument_group("bound")
-    g.add_argument("--batch", type=_positive, default=None,
+    e = sub.add_parser("evaluate", help="the bound loop on a checkpoint -> bounds.json", formatter_class=fmt)
+    e.add_argument("--checkpoint", required=True, help="last.pt of one of the project's training scripts")
+    e.add_argument("--data_dir", default=None, help="data root; if unset, the run's own --data_dir")
+    e.add_argument("--out", default=None, help="output JSON; if unset, bounds.json next to the checkpoint")
+    e.add_argument("--save_features", action="store_true", help="also save f-bar and mu to <out>_features.pt")
+    e.add_argument("--batch", type=_int(2), default=None,
                    help="K+1; if unset, the run's per-loss batch (per process with --negatives local, per chunk)")
-    g.add_argument("--temperature", type=float, default=None, help="temperature t; if unset, the run's (else 0.5)")
-    g.add_argument("--passes", type=_positive, default=10,
-                   help="shuffled passes over the test split (the authors' epochs)")
-    g.add_argument("--num_augmentations", type=_positive, default=5,
+    e.add_argument("--temperature", type=float, default=None, help="temperature t; if unset, the run's (else 0.5)")
+    e.add_argument("--sub_classes", type=_int(1), default=1,
+                   help="latent sub-classes per class: k-means (5 restarts) on each class's training f-bar "
+                        "(2: the paper's second AG News figure and 'mean acc via sub-class')")
+    e.add_argument("--passes", type=_int(1), default=10, help="shuffled passes over the test split (their epochs)")
+    e.add_argument("--num_augmentations", type=_int(1), default=5,
                    help="f-bar is the mean of 2 x this many augmented views (the authors: 5 -> 10)")
-    g.add_argument("--test_subset", type=_nonnegative, default=0, help="use N test items evenly spaced (0: all)")
-    g.add_argument("--train_subset", type=_nonnegative, default=0,
-                   help="class means from N training items evenly spaced (0: all)")
-    g = e.add_argument_group("system")
-    g.add_argument("--feature_batch", type=_positive, default=1024, help="batch for the f-bar passes")
-    g.add_argument("--workers", type=_nonnegative, default=4, help="data-loading processes")
-    g.add_argument("--seed", type=int, default=0, help="seed of the augmentations and of the batch order")
+    e.add_argument("--test_subset", type=_int(0), default=0, help="use N test items evenly spaced (0: all)")
+    e.add_argument("--train_subset", type=_int(0), default=0, help="class means from N training items (0: all)")
+    e.add_argument("--feature_batch", type=_int(1), default=1024, help="batch for the f-bar passes")
+    e.add_argument("--workers", type=_int(0), default=4, help="data-loading processes")
+    e.add_argument("--seed", type=int, default=0, help="seed of the augmentations, batch order and k-means")
 
-    q = sub.add_parser("plot", help="Figure 1 and Table 2 from runs that differ in K",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q = sub.add_parser("plot", help="Figure 1 and Table 2 from runs that differ in K", formatter_class=fmt)
     q.add_argument("runs", nargs="+", help="run directories with bounds.json (or bounds.json files)")
     q.add_argument("--out", default="figure1.png", help="the figure (png, pdf, svg)")
-    q.add_argument("--csv", default=None, help="Table 2 rows as CSV (means over the runs of each K+1)")
     q.add_argument("--markdown", default=None, help="Table 2 rows as Markdown")
-    q.add_argument("--accuracy_file", default=None,
-                   help="JSON file in each run directory holding the accuracy to show; if unset, the bound loop's mean classifier")
-    q.add_argument("--accuracy_key", default="highest_val_acc", help="dotted key of the accuracy in --accuracy_file")
-    q.add_argument("--accuracy_label", default=None, help="label of the accuracy axis")
-    q.add_argument("--dpi", type=_positive, default=150, help="resolution of raster figures")
+    q.add_argument("--accuracy_file", default="eval.json",
+                   help="JSON in each run directory holding the accuracy axis ('' for none); eval.json is "
+                        "written by linear_eval.py (Figure 1: --protocol nozawa)")
+    q.add_argument("--accuracy_key", default="linear.top1", help="dotted key of the accuracy in --accuracy_file")
     return p
 
 
-def check_args(parser, args):
-    """Reject bad values argparse-style (one line, exit status 2)."""
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
     if args.command == "coverage":
-        chosen = [name for name in ("classes", "probs", "counts_file") if getattr(args, name)]
-        if len(chosen) != 1:
-            parser.error("give exactly one of --classes, --probs, --counts_file")
-        if any(n < 0 for n in args.draws):
+        if bool(args.classes) == bool(args.probs):
+            parser.error("give exactly one of --classes, --probs")
+        if min(args.draws) < 0:
             parser.error(f"--draws must be >= 0, got {min(args.draws)}")
         if args.per_class and not args.classes:
             parser.error("--per_class needs --classes (a balanced pool)")
-    if args.command == "evaluate" and args.temperature is not None and args.temperature <= 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}")
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    with common.exit_on_user_error(PROG):
-        try:
-            return {"table3": table3, "coverage": coverage, "evaluate": evaluate, "plot": plot}[args.command](args)
-        except ValueError as err:  # a library function's message is the user's message here
-            raise common.UserError(str(err)) from None
+    if args.command == "evaluate":
+        if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+            parser.error(f"--temperature must be finite and > 0, got {args.temperature}")
+        return evaluate(args, parser)
+    if args.command == "plot":
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.access(out_dir, os.W_OK) or os.path.isdir(args.out):
+            parser.error(f"cannot write --out {args.out}")
+    try:
+        return {"table3": table3, "coverage": coverage, "plot": plot}[args.command](args)
+    except ValueError as err:  # a library function's message is the user's message here
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -312,3 +312,203 @@ def build_backbone(arch="resnet18", stem="cifar", width=64, stem_padding=1):
         raise ValueError(f"no backbone {arch!r} with stem {stem!r} and width {width}; "
                          f"arch in {list(ARCHS)}, stem cifar or imagenet, width >= 1")
     return ResNet(*ARCHS[arch], width=width, stem=stem, stem_padding=stem_padding)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched augmentation (--gpu_aug): the SimCLR recipe on whole uint8 batches, one draw per image
+# ------------------------------------------------------------------------------------------------
+
+def images_as_tensor(dataset, size=None):
+    """(uint8 [N, 3, H, W], long [N] labels) of an (image, label) data set without transform,
+    decoded once. CIFAR/STL-10 (or a Subset of them) are read from `.data`; other items must be
+    PIL images. With `size`, images are resized (shorter side) and centre-cropped as eval_transform
+    does; images of different sizes need it."""
+    base, indices = dataset, None
+    while isinstance(base, Subset):  # common.subset: map the indices down to the data set
+        indices = list(base.indices) if indices is None else [base.indices[i] for i in indices]
+        base = base.dataset
+    data = getattr(base, "data", None)
+    if isinstance(data, np.ndarray) and data.ndim == 4 and data.dtype == np.uint8:
+        data = data if indices is None else data[indices]
+        images = torch.from_numpy(data if data.shape[-1] != 3 else data.transpose(0, 3, 1, 2)).contiguous()
+        targets = getattr(base, "targets", getattr(base, "labels", None))
+        labels = torch.as_tensor(np.asarray(targets)[indices] if indices is not None else np.asarray(targets))
+        if size is None or images.shape[-2:] == (size, size):
+            return images, labels.long()
+        dataset = [(Image.fromarray(a.transpose(1, 2, 0)), y) for a, y in zip(images.numpy(), labels.tolist())]
+    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)]) if size else None
+    arrays, labels = [], []
+    for index in range(len(dataset)):
+        img, label = dataset[index]
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"images_as_tensor needs PIL images (a data set without transform), got {type(img)}")
+        arrays.append(np.asarray((resize(img) if resize else img).convert("RGB")))
+        labels.append(int(label))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"images of {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): "
+                         f"pass size= to resize and centre-crop them")
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)).contiguous(), torch.tensor(labels)
+
+
+class BatchedAugment(nn.Module):
+    """train_transform on a uint8 batch [B, 3, H, W] (any device) -> float32 [B, 3, crop, crop].
+
+    Same steps and parameter laws as train_transform, every parameter drawn per image (torchvision
+    transforms on a batched tensor share one draw per batch). Pixels: torchvision's float-tensor
+    formulas (no uint8 rounding between steps, unlike the PIL path); bilinear resampling without
+    antialiasing (as resized_crop(antialias=False): differs from PIL only when a crop is shrunk);
+    blur with torch's "reflect" border = OpenCV's default BORDER_REFLECT_101."""
+
+    def __init__(self, crop_size=32, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                 grayscale_p=0.2, blur_p=0.5, normalize=NORMALIZATION["cifar10"]):
+        super().__init__()
+        self.crop_size, self.scale, self.jitter_p = crop_size, scale, jitter_p
+        self.grayscale_p, self.blur_p = grayscale_p, blur_p
+        b, c, s, h = jitter  # ColorJitter's ranges: factor ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h)
+        if min(jitter) < 0 or h > 0.5:
+            raise ValueError(f"jitter {jitter}: brightness, contrast, saturation >= 0 and 0 <= hue <= 0.5")
+        self.jitter_range = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
+        self.kernel_size = blur_kernel_size(crop_size)
+        mean, std = normalize if normalize is not None else ((0.0,) * 3, (1.0,) * 3)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def sample_params(self, n, height, width, generator=None, device="cpu"):
+        """All random parameters of n views of height x width images, one draw per image."""
+        def rand(*shape):
+            return torch.rand(shape, generator=generator, device=device)
+        # RandomResizedCrop: 10 candidate boxes per image at once; the first that fits wins, else the
+        # central box clamped to the ratio range (torchvision's fallback).
+        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * rand(n, 10))
+        ratio = torch.exp(float(np.log(3 / 4)) + float(np.log(16 / 9)) * rand(n, 10))  # log-uniform in [3/4, 4/3]
+        w, h = torch.sqrt(area * ratio).round().long(), torch.sqrt(area / ratio).round().long()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.int().argmax(1, keepdim=True)  # index of the first True (0 when none)
+        r = min(max(width / height, 3 / 4), 4 / 3)
+        fw, fh = min(width, round(height * r)), min(height, round(width / r))
+        w = torch.where(fits.any(1), w.gather(1, first)[:, 0], fw)
+        h = torch.where(fits.any(1), h.gather(1, first)[:, 0], fh)
+        top = torch.where(fits.any(1), (rand(n) * (height - h + 1)).long().clamp(max=height - h), (height - h) // 2)
+        left = torch.where(fits.any(1), (rand(n) * (width - w + 1)).long().clamp(max=width - w), (width - w) // 2)
+        lo, hi = torch.tensor(self.jitter_range, device=device).T
+        return {"box": torch.stack([top, left, h, w], 1), "flip": rand(n) < 0.5,
+                "jitter": rand(n) < self.jitter_p, "factors": lo + (hi - lo) * rand(n, 4),
+                "order": rand(n, 4).argsort(1),  # a uniform random permutation of the 4 jitter ops per image
+                "gray": rand(n) < self.grayscale_p, "blur": rand(n) < self.blur_p, "sigma": 0.1 + 1.9 * rand(n)}
+
+    def forward(self, images, generator=None):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(f"BatchedAugment takes uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        return self.augment(images, self.sample_params(len(images), *images.shape[-2:], generator, images.device))
+
+    def augment(self, images, p):
+        """The deterministic part: images uint8 [B, 3, H, W], p from sample_params."""
+        B, size = len(images), self.crop_size
+        x = resized_crop(images.float() / 255, p["box"], p["flip"], size)
+        for step in range(4):  # step k applies, to each jittered image, the op its order names at k
+            for op, neutral in enumerate((1.0, 1.0, 1.0, 0.0)):
+                chosen = p["jitter"] & (p["order"][:, step] == op) & (p["factors"][:, op] != neutral)
+                if chosen.any():
+                    x[chosen] = COLOR_OPS[op](x[chosen], p["factors"][chosen, op].view(-1, 1, 1, 1))
+        x = torch.lerp(x, grayscale(x), p["gray"].float().view(B, 1, 1, 1))  # weight 0 or 1: exact
+        if self.blur_p > 0:
+            x = gaussian_blur(x, p["sigma"], self.kernel_size, p["blur"])
+        return (x - self.mean) / self.std
+
+
+def resized_crop(x, box, flip, size):
+    """Per-image crop box (top, left, h, w) resized bilinearly to size x size, mirrored where flip:
+    one grid_sample. Source coordinates are clamped to the box, as F.interpolate on the crop does."""
+    (B, _, H, W), t = x.shape, (torch.arange(size, device=x.device) + 0.5) / size
+    top, left, h, w = box.T.unsqueeze(2).float()
+    xs = torch.minimum(torch.maximum(left + t * w - 0.5, left), left + w - 1)
+    ys = torch.minimum(torch.maximum(top + t * h - 0.5, top), top + h - 1)
+    xs = torch.where(flip.view(B, 1), xs.flip(1), xs)
+    grid = torch.stack([((2 * xs + 1) / W - 1).view(B, 1, size).expand(B, size, size),
+                        ((2 * ys + 1) / H - 1).view(B, size, 1).expand(B, size, size)], -1)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x):
+    """ITU-R 601-2 luma, [B, 1, H, W]: PIL's "L" weights (torchvision's tensor path uses 0.2989)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x, hue):
+    """torchvision's adjust_hue (RGB -> HSV, hue + factor mod 1, -> RGB) in closed form: max and
+    min are kept, and channel n of (R, G, B) = min + chroma * clamp(d_n - 1, 0, 1), with d_n the
+    distance from 6 hue' + (0, -2, -4)[n] + 3 to the nearest multiple of 6, taken with abs() alone
+    (valid for |hue| <= 0.5; floor, remainder and argmax are several times slower on CPU)."""
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    chroma, (r, g, b) = maxc - minc, x.split(1, 1)
+    # 6 x hue in [-1, 5]: (g - b) / chroma if R is the max, 2 + (b - r) / chroma if G, else 4 + (r - g) / chroma
+    h6 = torch.where(r == maxc, g - b, torch.where(g == maxc, b - r + 2 * chroma, r - g + 4 * chroma))
+    h6 = h6 / chroma.clamp(min=1e-12) + 6 * hue  # grey pixels: any hue, multiplied by chroma 0
+    d = (h6 + torch.tensor([0.0, -2.0, -4.0], device=x.device).view(1, 3, 1, 1)).abs_().sub_(6).abs_().sub_(3).abs_()
+    return torch.addcmul(minc, chroma, d.sub_(1).clamp_(0, 1))
+
+
+# torchvision's float formulas: blend with black / the mean grey level / the grey image (lerp(a, x, f)
+# = f x + (1 - f) a), then clamp to [0, 1]; the mean grey level is the luma of the channel means.
+COLOR_OPS = (lambda x, f: (f * x).clamp_(0, 1),
+             lambda x, f: torch.lerp(grayscale(x.mean((2, 3), keepdim=True)), x, f).clamp_(0, 1),
+             lambda x, f: torch.lerp(grayscale(x), x, f).clamp_(0, 1),
+             adjust_hue)
+
+
+def gaussian_blur(x, sigma, k, mask):
+    """Separable per-image Gaussian blur (k taps, weights exp(-d^2 / 2 sigma^2) normalised, as
+    OpenCV's for sigma > 0) where mask, the identity kernel elsewhere; torch's "reflect" padding is
+    OpenCV's default border (BORDER_REFLECT_101). One multiply-add per tap over the batch: as fast as
+    a batched matmul on CPU, and exact on GPUs (TF32 matmuls and convolutions would round)."""
+    B, d = len(x), torch.arange(k, device=x.device) - k // 2
+    weights = torch.softmax(-d.float() ** 2 / (2 * sigma.view(-1, 1) ** 2), 1)  # [B, k]
+    weights = torch.where(mask.view(-1, 1), weights, (d == 0).float()).T.reshape(k, B, 1, 1, 1)
+    for dim in (3, 2):
+        padded = nn.functional.pad(x, (k // 2, k // 2, 0, 0) if dim == 3 else (0, 0, k // 2, k // 2), mode="reflect")
+        out = weights[0] * padded.narrow(dim, 0, x.shape[dim])
+        for t in range(1, k):
+            out.addcmul_(weights[t], padded.narrow(dim, t, x.shape[dim]))
+        x = out
+    return x
+
+
+if __name__ == "__main__":  # python common.py --show_aug views.png: the two augmentation paths side by side
+    import argparse
+    parser = argparse.ArgumentParser(description="Write a PNG grid: row 0 the original images, then --rows rows of "
+                                     "BatchedAugment views, then --rows rows of train_transform (PIL) views.")
+    parser.add_argument("--show_aug", metavar="OUT.png", required=True, help="where to write the grid")
+    parser.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set (train split)")
+    parser.add_argument("--data_dir", default="data", help="data root (nothing is downloaded)")
+    parser.add_argument("--crop_size", type=int, default=32, help="random-resized-crop size")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="resize and centre-crop the images first (folders of mixed sizes)")
+    parser.add_argument("--n", type=int, default=8, help="images (columns)")
+    parser.add_argument("--rows", type=int, default=3, help="rows of views for each path")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed")
+    args = parser.parse_args()
+    if min(args.crop_size, args.n, args.rows) < 1:
+        parser.error("--crop_size, --n and --rows must be >= 1")
+    try:
+        dataset = subset(build_dataset(args.dataset, args.data_dir, "train", download=False), args.n)
+        images, _ = images_as_tensor(dataset, args.image_size)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    torch.manual_seed(args.seed)
+    batched, pil = BatchedAugment(args.crop_size, normalize=None), train_transform(args.crop_size, normalize=None)
+    originals = [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).numpy()]
+    views = [batched(images) for _ in range(args.rows)]
+    views += [torch.stack([pil(img) for img in originals]) for _ in range(args.rows)]
+    to_uint8 = [(255 * v + 0.5).byte().permute(0, 2, 3, 1).numpy() for v in views]
+    rows = [originals] + [[Image.fromarray(a) for a in row] for row in to_uint8]
+    cell = max(images.shape[-1], images.shape[-2], args.crop_size)
+    zoom = max(1, 96 // cell)  # small images are drawn with nearest-neighbour zoom
+    step = cell * zoom + 2  # a 2-pixel white gap between cells
+    grid = Image.new("RGB", (len(originals) * step, len(rows) * step), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(img.resize((img.width * zoom, img.height * zoom), Image.NEAREST), (c * step, r * step))
+    grid.save(args.show_aug)
+    print(f"{args.show_aug}: row 1 originals, rows 2-{args.rows + 1} BatchedAugment, "
+          f"rows {args.rows + 2}-{2 * args.rows + 1} PIL")

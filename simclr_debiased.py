@@ -42,7 +42,8 @@ from tqdm import tqdm
 import common
 
 SCRIPT = "simclr_debiased.py"
-MAY_CHANGE_ON_RESUME = {"epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision"}
+MAY_CHANGE_ON_RESUME = {"epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision", "gpu_aug",
+                        "compile"}
 
 
 def get_parser():
@@ -58,6 +59,7 @@ def get_parser():
     g.add_argument("--blur_p", type=float, default=0.5, help="probability of the Gaussian blur")
     g.add_argument("--norm", default="cifar10", choices=["auto", *common.NORMALIZATION], help="input normalisation")
     g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
+    g.add_argument("--gpu_aug", action="store_true", help="decode the images once, augment whole batches on the device")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=list(common.ARCHS), help="backbone")
     g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 stride-1 conv, no max-pool")
@@ -88,6 +90,7 @@ def get_parser():
     g.add_argument("--num_chunks", type=int, default=1, help="split each process's batch into N loss chunks")
     g = p.add_argument_group("system and logging")
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="backbone autocast")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints load either way)")
     g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
     g.add_argument("--out_dir", default="results/simclr_debiased", help="args.json, metrics.csv, last.pt")
     g.add_argument("--resume", default="", help="continue from this last.pt up to --epochs")
@@ -308,18 +311,25 @@ def learning_rate(args, epoch_float):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_one_epoch(net, loader, optimizer, scaler, args, epoch, beta, device, dtype):
-    """One pass over `loader`: returns (mean loss, clamped fraction, lr, first non-finite step or -1)."""
+def train_one_epoch(net, loader, optimizer, scaler, args, epoch, beta, device, dtype, images=None, augment=None):
+    """One pass over `loader`: returns (mean loss, clamped fraction, lr, first non-finite step or -1).
+    With `augment` (--gpu_aug) the loader yields image indices; the views are made here, on the device."""
     net.train()
     steps = len(loader)
     sums = torch.zeros(2, device=device, dtype=torch.float64)   # loss, clamped anchors
     first_bad = torch.full((), -1, device=device)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False) if is_master() else None
-    for step, (x1, x2, _, _) in enumerate(loader):
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for step, batch in enumerate(loader):
         lr = learning_rate(args, epoch + step / steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        if augment is not None:
+            x = images[batch[-1].to(device, non_blocking=True)]          # uint8 [b, 3, H, W]
+            x1, x2 = augment(x), augment(x)                              # two independent draws per image
+        else:
+            x1, x2 = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        x1, x2 = x1.contiguous(memory_format=memory_format), x2.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             z1, z2 = net(x1, x2)
         # The loss in float32, outside autocast; chunks stand in for GPUs with their own negatives.
@@ -433,15 +443,14 @@ def rng_states():
     return states
 
 
-def write_metrics(path, row, columns):
-    """Append one row to metrics.csv (header first): epoch, loss, lr, images_per_sec, epoch_seconds,
-    knn_top1, knn_top5 (%), then beta and clamped_fraction (anchors where the floor binds)."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        if new:
-            writer.writeheader()
-        writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns})
+def write_metrics(path, rows, columns):
+    """metrics.csv, rewritten whole after every epoch: one row per epoch with epoch, loss, lr,
+    images_per_sec, epoch_seconds, knn_top1, knn_top5 (%), beta and clamped_fraction (the anchors
+    where the floor binds); blank where not measured (epoch 0 is the untrained network)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,22 +504,33 @@ def main(argv=None):
         memory_set = test_set = None
     if len(train_set) < args.batch_size:
         parser.error(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
-    train_set = common.TwoViews(train_set, augment)
+    images = gpu_augment = None
+    if args.gpu_aug:  # the uint8 images live on the device (CIFAR-10: 150 MB); the loader yields indices
+        try:
+            images = common.images_as_tensor(train_set)[0].to(device)
+        except ValueError as err:
+            parser.error(f"--gpu_aug: {err}")
+        gpu_augment = common.BatchedAugment(args.crop_size, blur_p=args.blur_p, normalize=norm).to(device)
+        train_set = torch.utils.data.TensorDataset(torch.arange(len(images)))
+    else:
+        train_set = common.TwoViews(train_set, augment)
     sampler = DistributedSampler(train_set, n_proc, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
 
     # ---- model, optimizer, scaler ----
-    model = SimCLR(args).to(device)
+    model = SimCLR(args).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     if n_proc > 1 and device.type == "cuda" and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on GPUs
     if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **fused)
     else:  # LARC folds the weight decay into the gradient (larc_), so SGD runs without it
         decay = [p for n, p in model.named_parameters() if "bias" not in n and "bn" not in n]
         no_decay = [p for n, p in model.named_parameters() if "bias" in n or "bn" in n]
         optimizer = torch.optim.SGD([{"params": decay, "larc_weight_decay": args.weight_decay},
-                                     {"params": no_decay, "larc_weight_decay": 0.0}], lr=args.lr, momentum=args.momentum)
+                                     {"params": no_decay, "larc_weight_decay": 0.0}], lr=args.lr, momentum=args.momentum,
+                                    **fused)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- resume ----
@@ -527,23 +547,22 @@ def main(argv=None):
         start_epoch = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if n_proc > 1 else model
+    if args.compile:  # the checkpoint saves `model`, never the compiled wrapper, so it loads either way
+        net = torch.compile(net)
 
     # ---- output directory (checked before any compute) ----
     columns = ["epoch", "loss", "lr", "images_per_sec", "epoch_seconds", "knn_top1", "knn_top5", "beta", "clamped_fraction"]
     metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.csv"), os.path.join(args.out_dir, "last.pt")
+    history = []  # the rows of metrics.csv; on resume those the checkpoint covers
     if master:
         try:
             os.makedirs(args.out_dir, exist_ok=True)
             with open(os.path.join(args.out_dir, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2, sort_keys=True)
-            rows = []
-            if ckpt is not None and os.path.exists(metrics_path):  # keep the rows the checkpoint covers
+            if ckpt is not None and os.path.exists(metrics_path):
                 with open(metrics_path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
-            with open(metrics_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
+                    history = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
+            write_metrics(metrics_path, history, columns)
         except OSError as err:
             parser.error(f"cannot write to --out_dir {args.out_dir}: {err}")
         print(f"{SCRIPT}: {len(train_set)} images, {n_proc} process(es) x {batch}, "
@@ -567,14 +586,16 @@ def main(argv=None):
         row = {"epoch": 0}
         knn(row)
         if master:
-            write_metrics(metrics_path, row, columns)
+            history.append(row)
+            write_metrics(metrics_path, history, columns)
             print(f"epoch 0 (untrained): kNN top-1 {row.get('knn_top1', float('nan')):.2f}")
         save(0)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         beta = beta_for_epoch(args.beta, epoch, args.epochs, args.anneal)
         start = time.time()
-        loss, clamped, lr, bad_step = train_one_epoch(net, loader, optimizer, scaler, args, epoch, beta, device, dtype)
+        loss, clamped, lr, bad_step = train_one_epoch(net, loader, optimizer, scaler, args, epoch, beta, device, dtype,
+                                                      images, gpu_augment)
         if not math.isfinite(loss):
             raise SystemExit(f"{SCRIPT}: error: non-finite loss at epoch {epoch + 1}, step {bad_step + 1} "
                              f"(of this process); {ckpt_path} still holds epoch {epoch}")
@@ -584,7 +605,8 @@ def main(argv=None):
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             knn(row)
         if master:
-            write_metrics(metrics_path, row, columns)
+            history.append(row)
+            write_metrics(metrics_path, history, columns)
             print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} clamped {clamped:.3f} "
                   f"{row['images_per_sec']:.0f} img/s kNN top-1 {row.get('knn_top1', float('nan')):.2f}")
         save(epoch + 1)

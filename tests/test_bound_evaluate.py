@@ -1,251 +1,182 @@
-"""bound.py end to end: `evaluate` on checkpoints of two short simclr_debiased.py runs with
-different K+1 on ../shared/data/cifar10, `plot` on both, a stand-in text script that follows the
-contract of nlp_similar_words.py (build_model + eval_datasets with a collate_fn), and bad input."""
-import csv
+"""bound.py evaluate and plot end to end: a "perfect" text encoder (hand-made checkpoint) against
+the closed form of every term, what f-bar and mu are (not re-normalised, from the training split),
+what the collision statistic compares, k-means sub-classes, the figure's bars read back, the
+README's Figure 1 recipe with a real simclr_debiased.py run, and bad input."""
 import json
 import math
-import textwrap
 
 import pytest
 import torch
 
 import bound
-import common
+import linear_eval
 import simclr_debiased
+from conftest import TOPICS
+from test_linear_eval import VOCAB, class_embedding, shifted, text_checkpoint  # noqa: F401 (fixture)
 
-RUN = ["--dataset", "folder", "--arch", "resnet18", "--width", "4", "--hidden_dim", "32", "--feature_dim", "16",
-       "--workers", "0", "--eval_every", "0", "--epochs", "1", "--estimator", "easy", "--norm", "none", "--blur_p", "0",
-       "--head", "nozawa", "--optimizer", "larc", "--weight_decay", "1e-4", "--negatives", "local"]
-SMALL = ["--passes", "1", "--num_augmentations", "1", "--train_subset", "60", "--test_subset", "48",
-         "--workers", "0", "--feature_batch", "128"]
+QUICK = ["--workers", "0", "--passes", "2", "--num_augmentations", "1"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, cifar_dir):
-    """Two one-epoch runs (a step or two each): K+1 = 16 and K+1 = 32."""
-    root = tmp_path_factory.mktemp("bound_runs")
-    for k in (16, 32):
-        simclr_debiased.main([*RUN, "--data_dir", cifar_dir, "--subset", "32", "--batch_size", str(k),
-                              "--lr", str(k / 256), "--out_dir", str(root / f"k{k}")])
-    return root
+def same_class_table():
+    """Replace each topic word by words of its own class: the augmentation changes the tokens, not
+    the class direction of the document."""
+    table = torch.arange(len(VOCAB))[:, None].repeat(1, 5)
+    for topic in TOPICS:
+        for w in topic:
+            table[VOCAB.index(w)] = torch.tensor([VOCAB.index(x) for x in topic if x != w][:5])
+    return table
 
 
-def run_main(argv, capsys):
-    capsys.readouterr()
-    code, result = 0, None
-    try:
-        result = bound.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out = capsys.readouterr()
-    return code, out.out, out.err, result
+def evaluate(ckpt, out, *flags):
+    return bound.main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *QUICK, *flags])
 
 
 @pytest.fixture(scope="module")
-def evaluated(runs):
-    bound.main(["evaluate", "--checkpoint", str(runs / "k16" / "last.pt"), *SMALL])
-    bound.main(["evaluate", "--checkpoint", str(runs / "k32" / "last.pt"), *SMALL, "--save_features"])
-    return runs
+def perfect(tmp_path_factory, ag_news):
+    """Every document embeds exactly as e_c (topic words e_c, filler 0), also augmented."""
+    return text_checkpoint(tmp_path_factory.mktemp("perfect") / "last.pt", ag_news, class_embedding(), torch.eye(4),
+                           same_class_table(), "replace", 0.5)
 
 
-def test_k_plus_1_of_a_run():
-    # the batch one loss saw: per process with local negatives, per chunk with --num_chunks
-    assert bound.run_k_plus_1({"batch_size": 128, "negatives": "local", "num_chunks": 4}) == 32
-    assert bound.run_k_plus_1({"batch_size": 128, "negatives": "local"}, world_size=4) == 32
-    assert bound.run_k_plus_1({"batch_size": 128, "negatives": "global"}, world_size=4) == 128
-    assert bound.run_k_plus_1({"batch_size": 256}) == 256 and bound.run_k_plus_1({}) is None
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory, ag_news):
+    """Random word vectors and erase at 0.5: views of a document differ."""
+    emb = torch.randn(len(VOCAB) + 1, 6, generator=torch.Generator().manual_seed(0))
+    return text_checkpoint(tmp_path_factory.mktemp("noisy") / "last.pt", ag_news, emb, torch.eye(6),
+                           None, "erase", 0.5)
 
 
-def test_evaluate_writes_every_term(evaluated):
-    for name, k in (("k16", 16), ("k32", 32)):  # K+1 read from the run: its batch, per chunk
-        text = (evaluated / name / "bounds.json").read_text()
-        assert "NaN" not in text and "Infinity" not in text  # strict JSON
-        report = json.loads(text)
-        s, t, table, u = report["settings"], report["terms"], report["table"], report["upper_bounds"]
-        assert s["k_plus_1"] == k and s["num_classes"] == 10 and s["temperature"] == 0.5
-        assert s["samples"] == (48 // k) * k and s["test_items"] == 48 and s["train_items"] == 60
-        for key in ("SimCLR_loss", "Original_SimCLR_loss", "assumption_value", "upsilon", "curl_tau", "sup_loss",
-                    "partial_sup_loss", "conflict_term", "curl_sup_loss", "curl_partial_sup_loss", "bound",
-                    "curl_bound", "centroid_accuracy", "sup_loss_all"):
-            assert isinstance(t[key], float) and math.isfinite(t[key]), key
-        assert t["SimCLR_loss"] > 0 and t["assumption_value"] <= 0 and 0 <= t["upsilon"] <= 1 and 0 <= t["curl_tau"] <= 1
-        assert t["SimCLR_loss"] <= math.log(k) + 2 / 0.5 + 1e-9  # cosines in [-1, 1]: at most ln(K+1) + 2/t
-        # the table is the notebook's recomposition of the terms
-        assert table["bound"] == pytest.approx(table["L_sup"] + table["L_sub"] + table["curl_collision"] / 2 + table["d"])
-        assert table["curl_bound"] == pytest.approx(table["curl_collision"] + table["curl_L_sup"] + table["curl_L_sub"]
-                                                    + table["d"])
-        for name_ in ("ours_theorem", "ours_notebook", "arora"):
-            assert name_ in u and "ln_" + name_ in u
-        assert 0 <= report["mean_classifier"]["accuracy_clean_top1"] <= report["mean_classifier"]["accuracy_clean_top5"]
-        assert report["collision_statistic"]["head"] >= 0 and report["collision_statistic"]["without_head"] >= 0
-    # 48 test items evenly spaced over a class-sorted folder: 4 or 5 per class, an unbalanced pool
-    k32 = json.loads((evaluated / "k32" / "bounds.json").read_text())
-    assert "unbalanced" in k32["analytic"]["model"] and k32["analytic"]["tau"] > 0.9
-    saved = torch.load(evaluated / "k32" / "bounds_features.pt", weights_only=True)
-    assert saved["test_fbar"].shape == (48, 16) and saved["mu"].shape == (10, 16) and saved["train_labels"].shape == (60,)
-    assert float(saved["test_fbar"].norm(dim=1).max()) <= 1 + 1e-6  # a mean of unit vectors, not re-normalised
+def test_perfect_encoder_closed_forms_end_to_end(perfect, tmp_path):
+    # The 40 test documents (10 per class) are ONE batch of K+1 = 40: every batch has n_c = 10,
+    # covers all C = 4 classes, and z.mu_j = 1 for j = c, 0 otherwise (t = 0.5, e = exp(-1/t)).
+    r = evaluate(perfect, tmp_path / "b.json", "--batch", "40")
+    t, table, u, e = r["terms"], r["table"], r["upper_bounds"], math.exp(-2)
+    L_info, L_sup = math.log(10 + 30 * e), math.log(1 + 3 * e)
+    assert r["settings"]["k_plus_1"] == 40 and r["settings"]["num_classes"] == 4 and r["settings"]["samples"] == 80
+    assert t["SimCLR_loss"] == pytest.approx(L_info, rel=1e-6)
+    assert t["assumption_value"] == pytest.approx(0, abs=1e-6) and t["upsilon"] == 1.0 and t["curl_tau"] == 1.0
+    assert t["conflict_term"] == pytest.approx(math.log(10)) and t["sup_loss"] == pytest.approx(L_sup, rel=1e-6)
+    assert t["sup_loss_all"] == pytest.approx(L_sup, rel=1e-6) and t["partial_sup_loss"] == 0
+    assert t["curl_sup_loss"] == 0 and t["curl_partial_sup_loss"] == 0
+    assert table["bound"] == pytest.approx(0.5 * (L_sup + math.log(10)), rel=1e-6)
+    assert table["L_sup"] == pytest.approx(L_sup / 2, rel=1e-6) and table["curl_bound"] == pytest.approx(math.log(10))
+    assert u["ln_ours_theorem"] == pytest.approx(math.log(2 * L_info - math.log(10)), rel=1e-6)
+    assert u["tau_source"].startswith("exact")  # every anchor collided
+    assert table["mu_acc"] == 100.0 and r["mean_classifier"]["mu_acc_clean_test"] == 100.0
+    assert table["collision_bound"] == pytest.approx(0, abs=1e-6)  # same-class features identical
+    # two sub-classes per class: the 8 centroids, the accuracy mapped back to the 4 classes
+    r = evaluate(perfect, tmp_path / "b2.json", "--batch", "40", "--sub_classes", "2")
+    assert r["settings"]["num_classes"] == 8 and r["settings"]["labelled_classes"] == 4
+    assert r["table"]["mu_acc"] == 100.0
 
 
-def test_plot_figure_and_table(evaluated, tmp_path, capsys):
-    (evaluated / "k16" / "linear.json").write_text(json.dumps({"linear": {"best": 0.25}}))
-    (evaluated / "k32" / "linear.json").write_text(json.dumps({"linear": {"best": 31.0}}))
-    code, out, _, groups = run_main(["plot", str(evaluated / "k32"), str(evaluated / "k16"), "--out",
-                                     str(tmp_path / "fig.png"), "--csv", str(tmp_path / "t2.csv"), "--markdown",
-                                     str(tmp_path / "t2.md"), "--accuracy_file", "linear.json", "--accuracy_key",
-                                     "linear.best"], capsys)
-    assert code == 0 and (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(groups) == [16, 32]  # sorted by K+1
-    assert groups[16]["accuracy"][0] == 25.0 and groups[32]["accuracy"][0] == 31.0  # fraction or percent
-    with open(tmp_path / "t2.csv", newline="") as f:
-        rows = {r["row"]: r for r in csv.DictReader(f)}
-    k16 = json.loads((evaluated / "k16" / "bounds.json").read_text())
-    assert float(rows["L_Info"]["K+1=16"]) == pytest.approx(k16["table"]["L_Info"])
-    assert float(rows["tau"]["K+1=32"]) == pytest.approx(groups[32]["tau"][0])
-    markdown = (tmp_path / "t2.md").read_text()
-    assert markdown.splitlines()[0] == "| row | 16 | 32 |" and "ln †upper bound of L_sup" in markdown
-    assert markdown.strip() in out
+def test_fbar_and_class_means_are_not_renormalised_and_come_from_training(noisy, tmp_path):
+    evaluate(noisy, tmp_path / "b.json", "--batch", "16", "--save_features", "--num_augmentations", "3")
+    f = torch.load(tmp_path / "b_features.pt", weights_only=True)
+    train_fbar, y = f["train_fbar"], f["train_labels"]
+    assert train_fbar.shape == (160, 6) and f["test_fbar"].shape == (40, 6)
+    norms = train_fbar.norm(dim=1)
+    assert bool((norms <= 1 + 1e-6).all()) and float((norms < 0.99).float().mean()) > 0.5  # means of 6 unit vectors
+    means = torch.stack([train_fbar[y == c].mean(0) for c in range(4)])
+    torch.testing.assert_close(f["mu"], means)  # plain means of the TRAINING f-bar, not re-normalised
+    assert bool((f["mu"].norm(dim=1) < 0.99).all())
+    test_means = torch.stack([f["test_fbar"][f["test_labels"] == c].mean(0) for c in range(4)])
+    assert (f["mu"] - test_means).abs().max() > 1e-3
 
 
-def test_vacuous_bound_warns_and_still_writes(runs, tmp_path, capsys):
-    out = tmp_path / "vacuous.json"
-    code, _, err, report = run_main(["evaluate", "--checkpoint", str(runs / "k16" / "last.pt"), "--batch", "8",
-                                     "--out", str(out), *SMALL, "--test_subset", "20", "--train_subset", "20"], capsys)
-    assert code == 0 and "warning" in err and "vacuous" in err and "K+1 = 8 < C = 10" in err
-    data = json.loads(out.read_text())
-    assert data["upper_bounds"]["ours_theorem"] is None and data["upper_bounds"]["ln_ours_notebook"] is None
-    assert data["terms"]["upsilon"] == 0 and data["terms"]["sup_loss"] == 0 and data["settings"]["k_plus_1"] == 8
+def test_collision_statistic_compares_two_augmentation_passes_of_the_training_split(noisy, tmp_path, monkeypatch):
+    calls, real = [], bound.collision_statistic
+
+    def recording(v0, v1, labels, *a):
+        calls.append((v0, v1, labels))
+        return real(v0, v1, labels, *a)
+
+    monkeypatch.setattr(bound, "collision_statistic", recording)
+    r = evaluate(noisy, tmp_path / "b.json", "--batch", "16")
+    assert len(calls) == 2  # head and backbone outputs
+    for v0, v1, labels in calls:
+        assert v0.shape[0] == 160 and not torch.equal(v0, v1)
+        assert labels.max() == 3  # the labelled classes
+    assert r["table"]["collision_bound"] == pytest.approx(real(calls[1][0], calls[1][1], calls[1][2]))
+    assert r["collision_statistic"]["without_head"] == pytest.approx(real(*calls[0]))
 
 
-FAKE_TEXT_SCRIPT = '''
-"""A stand-in for nlp_similar_words.py's contract: build_model(args) and eval_datasets(...) whose
-data sets carry a collate_fn giving (padded LongTensor [B, L], labels); train_augment = erase."""
-import torch
-import torch.nn as nn
-
-
-class Bag(nn.Module):
-    def __init__(self, vocab, dim):
-        super().__init__()
-        self.embedding = nn.EmbeddingBag(vocab, dim, mode="mean", padding_idx=0)
-
-    def forward(self, tokens):
-        return self.embedding(tokens)
-
-
-class Model(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.backbone = Bag(args["vocab"], args["dim"])
-        self.projector = nn.Sequential(nn.Linear(args["dim"], args["dim"]), nn.BatchNorm1d(args["dim"]), nn.ReLU(),
-                                       nn.Linear(args["dim"], args["dim"], bias=False))
-
-
-def build_model(args):
-    return Model(args)
-
-
-class Documents(torch.utils.data.Dataset):
-    """No .targets, no .transform: only items and a collate_fn."""
-
-    def __init__(self, docs, labels, erase):
-        self.docs, self.labels, self.erase = docs, labels, erase
-        self.collate_fn = self.collate
-
-    def __len__(self):
-        return len(self.docs)
-
-    def __getitem__(self, i):
-        return self.docs[i], self.labels[i]
-
-    def collate(self, items):
-        docs = []
-        for tokens, _ in items:
-            if self.erase > 0:
-                keep = torch.rand(len(tokens)) > self.erase
-                tokens = [t for t, k in zip(tokens, keep.tolist()) if k]
-            docs.append(tokens)
-        width = max(1, max(len(d) for d in docs))
-        batch = torch.zeros(len(docs), width, dtype=torch.long)
-        for i, d in enumerate(docs):
-            batch[i, :len(d)] = torch.tensor(d, dtype=torch.long)
-        return batch, torch.tensor([label for _, label in items])
-
-
-def eval_datasets(args, train_augment=False, data_dir=None, checkpoint=None):
+def test_kmeans_and_sub_class_means():
     g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        labels = [i % 4 for i in range(n)]
-        docs = [(1 + 10 * y + torch.randint(0, 10, (12,), generator=g)).tolist() for y in labels]
-        return docs, labels
-
-    train, test = split(120), split(48)
-    return Documents(*train, args.get("erase", 0.2) if train_augment else 0.0), Documents(*test, 0.0)
-'''
-
-
-def test_text_checkpoint_through_the_contract(tmp_path, monkeypatch, capsys):
-    (tmp_path / "fake_text_bound.py").write_text(textwrap.dedent(FAKE_TEXT_SCRIPT))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import fake_text_bound
-    args = {"vocab": 41, "dim": 8, "batch_size": 16, "temperature": 0.5, "data_dir": None}
-    model = fake_text_bound.build_model(args)
-    common.save_checkpoint({"script": "fake_text_bound.py", "args": args, "epoch": 0,
-                            "backbone": model.backbone.state_dict(), "model": model.state_dict()},
-                           str(tmp_path / "run" / "last.pt"))
-    code, out, err, report = run_main(["evaluate", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--passes", "2",
-                                       "--num_augmentations", "2", "--workers", "0", "--test_subset", "40"], capsys)
-    assert code == 0, err
-    assert report["settings"]["k_plus_1"] == 16 and report["settings"]["num_classes"] == 4
-    assert report["settings"]["samples"] == 2 * 32 and report["settings"]["train_items"] == 120
-    assert json.loads((tmp_path / "run" / "bounds.json").read_text())["terms"] == pytest.approx(report["terms"])
-    assert 0 <= report["terms"]["upsilon"] <= 1 and report["collision_statistic"]["head"] > 0
-    # the test split's augmented views use the run's own augmentation (the train split's collate_fn)
-    train, test = fake_text_bound.eval_datasets(args, train_augment=True)
-    augmented = bound.with_augmentation(test, train)
-    assert augmented.collate_fn.__self__.erase == 0.2 and test.collate_fn.__self__.erase == 0.0
-    assert common.subset(augmented, 10).collate_fn == augmented.collate_fn  # a text set without .targets
-    assert not any("identical" in w for w in report["warnings"])
-    # a run whose "augmentation" is not random: the two views coincide, and bound.py says so
-    args["erase"] = 0.0
-    common.save_checkpoint({"script": "fake_text_bound.py", "args": args, "epoch": 0,
-                            "backbone": model.backbone.state_dict(), "model": model.state_dict()},
-                           str(tmp_path / "plain" / "last.pt"))
-    code, _, err, _ = run_main(["evaluate", "--checkpoint", str(tmp_path / "plain" / "last.pt"), "--passes", "1",
-                                "--num_augmentations", "1", "--workers", "0"], capsys)
-    assert code == 0 and "3 batches had two identical augmented views" in err
+    centres = torch.tensor([[4.0, 0], [0, 4.0], [-4.0, 0], [0, -4.0]])  # class 0: blobs 0, 1; class 1: 2, 3
+    blob = torch.arange(200) % 4
+    x = centres[blob] + 0.3 * torch.randn(200, 2, generator=g)
+    c, assign = bound.kmeans(x[blob < 2], 2, generator=g)
+    truth = blob[blob < 2]
+    assert bool((assign == truth).all() or (assign == 1 - truth).all())
+    mu, train_sub, test_sub = bound.sub_class_means(x[:120], blob[:120] // 2, x[120:], blob[120:] // 2, 2, seed=0)
+    assert mu.shape == (4, 2) and bool((train_sub // 2 == blob[:120] // 2).all())
+    for sub, b, points in ((train_sub, blob[:120], x[:120]), (test_sub, blob[120:], x[120:])):
+        for j in range(4):  # each sub-class is one blob, its centroid the blob's mean
+            assert len(set(b[sub == j].tolist())) == 1
+    torch.testing.assert_close(mu[train_sub], torch.stack([x[:120][train_sub == j].mean(0) for j in range(4)])[train_sub])
 
 
-def test_evaluate_bad_input(runs, tmp_path, capsys):
-    def exit_2(argv, fragment):
-        code, _, err, _ = run_main(argv, capsys)
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 2 and "Traceback" not in err, err
-        assert lines[-1].startswith("bound.py") and ": error: " in lines[-1] and fragment in lines[-1], err
-        assert len(lines) == 1 or lines[0].startswith("usage:"), err
-
-    exit_2(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")], "does not exist")
-    (tmp_path / "cut.pt").write_bytes((runs / "k16" / "last.pt").read_bytes()[:500])
-    exit_2(["evaluate", "--checkpoint", str(tmp_path / "cut.pt")], "cannot read checkpoint")
-    exit_2(["evaluate", "--checkpoint", str(runs / "k16" / "last.pt"), "--batch", "100", *SMALL],
-           "the test split has 48 items, fewer than one batch of K+1 = 100")
-    exit_2(["evaluate", "--checkpoint", str(runs / "k16" / "last.pt"), "--passes", "0"], "must be >= 1")
-    exit_2(["evaluate", "--checkpoint", str(runs / "k16" / "last.pt"), "--temperature", "-1"], "must be > 0")
-    exit_2(["evaluate", "--checkpoint", str(runs / "k16" / "last.pt"), "--data_dir", str(tmp_path / "nowhere")],
-           "no images in")
-    exit_2(["plot", str(tmp_path), "--out", str(tmp_path / "f.png")], "bounds.json does not exist")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "bounds.json").write_text("{}")
-    exit_2(["plot", str(tmp_path / "bad")], "is not a bounds.json")
+def test_figure_bars_and_accuracy_read_back():
+    groups = {16: {"ln_curl_upper_bound": (2.0, 0.1, 2), "ln_upper_bound": (3.0, 0.0, 2),
+                   "ln_upper_bound_theorem": (4.0, 0.0, 2), "accuracy": (50.0, 1.0, 2)},
+              32: {"ln_curl_upper_bound": (5.0, 0.0, 2), "ln_upper_bound": (6.0, 0.0, 2),
+                   "ln_upper_bound_theorem": (7.0, 0.0, 2), "accuracy": (60.0, 1.0, 2)}}
+    fig = bound.figure(groups, "linear probe top-1 (%)")
+    ax, acc = fig.axes
+    bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers if hasattr(c, "patches")}
+    assert bars == {"Arora et al.": [2.0, 5.0], "Ours (notebook)": [3.0, 6.0], "Ours (theorem)": [4.0, 7.0]}
+    assert list(acc.lines[0].get_ydata()) == [50.0, 60.0] and acc.get_ylabel() == "linear probe top-1 (%)"
 
 
-def test_plot_dpi_and_accuracy_label(evaluated, tmp_path, capsys):
-    import struct
-    widths = []
-    for dpi in (40, 80):
-        out = tmp_path / f"fig{dpi}.png"
-        code, _, err, _ = run_main(["plot", str(evaluated / "k16"), str(evaluated / "k32"), "--out", str(out),
-                                    "--dpi", str(dpi), "--accuracy_label", "probe accuracy (%)"], capsys)
-        assert code == 0, err
-        widths.append(struct.unpack(">I", out.read_bytes()[16:20])[0])  # the PNG header's width
-    assert widths[1] == 2 * widths[0]
+def test_figure1_recipe_as_in_the_readme(image_folder, tmp_path):
+    # train (Nozawa & Sato's settings), linear_eval.py --protocol nozawa, bound.py evaluate, bound.py plot
+    # (in this process: the training script's main, as `python simclr_debiased.py ...` runs it)
+    run = tmp_path / "k8"
+    simclr_debiased.main(["--dataset", "folder", "--data_dir", image_folder, "--arch", "resnet18", "--width", "4",
+                          "--crop_size", "16", "--batch_size", "16", "--subset", "32", "--epochs", "1", "--workers", "0",
+                          "--head", "nozawa", "--norm", "none", "--blur_p", "0", "--tau_plus", "0", "--beta", "0",
+                          "--optimizer", "larc", "--lr", "0.0625", "--schedule", "cosine", "--negatives", "local",
+                          "--num_chunks", "2", "--eval_every", "0", "--out_dir", str(run)])
+    ckpt = str(run / "last.pt")
+    linear_eval.main([ckpt, "--protocol", "nozawa", "--epochs", "1", "--batch_size", "16", "--workers", "0"])
+    bound.main(["evaluate", "--checkpoint", ckpt, *QUICK])
+    bound.main(["plot", str(run), "--out", str(tmp_path / "fig.png"), "--markdown", str(tmp_path / "t.md")])
+    report = json.loads((run / "bounds.json").read_text())
+    assert report["settings"]["k_plus_1"] == 8  # 16 per step in 2 chunks of their own negatives
+    linear = json.loads((run / "eval.json").read_text())["linear"]["top1"]
+    table = (tmp_path / "t.md").read_text()
+    assert f"| linear acc | {linear:.2f} |" in table and f"| μ acc (mean classifier, clean test) | " in table
+    assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_bad_input(noisy, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    (tmp_path / "run").mkdir()
+    cases = [(["evaluate", "--checkpoint", str(junk)], "cannot read checkpoint"),
+             (["evaluate", "--checkpoint", noisy, "--data_dir", str(tmp_path)], "train.csv"),
+             (["evaluate", "--checkpoint", noisy, "--batch", "41"], "fewer than one batch"),
+             (["evaluate", "--checkpoint", noisy, "--out", str(tmp_path / "x" / "b.json")], "cannot write"),
+             (["evaluate", "--checkpoint", noisy, "--temperature", "0"], "--temperature"),
+             (["evaluate", "--checkpoint", noisy, "--sub_classes", "0"], "must be >= 1"),
+             (["plot", str(tmp_path / "run")], "not a bounds.json")]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit) as info:
+            bound.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and fragment in err.splitlines()[-1], err
+    # a run without eval.json: the figure needs linear_eval.py first (or --accuracy_file '')
+    bound.main(["evaluate", "--checkpoint", noisy, "--batch", "16", "--out", str(tmp_path / "run" / "bounds.json"),
+                *QUICK])
+    with pytest.raises(SystemExit) as info:
+        bound.main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "f.png")])
+    assert info.value.code == 2 and "linear_eval.py" in capsys.readouterr().err.splitlines()[-1]
+    assert bound.main(["plot", str(tmp_path / "run"), "--accuracy_file", "", "--out", str(tmp_path / "f.png")])
+
+
+def test_mu_acc_classifies_clean_test_inputs(shifted, tmp_path):
+    # augmented documents look like the next class, clean ones like their own: mu (from augmented
+    # training views) sits one class ahead, so clean test inputs are all wrong, augmented ones all right
+    r = evaluate(shifted, tmp_path / "b.json", "--batch", "16")
+    assert r["table"]["mu_acc"] == 0.0

@@ -117,6 +117,17 @@ def test_knn_monitor_against_loop_reference(script):
     assert top2 <= top5_ours
 
 
+def test_knn_votes_are_exponential_weights(script):
+    """Two class-0 neighbours at similarity 0.5 against one class-1 neighbour at 0.9, t = 0.1:
+    exp weights give class 1 (e^9 > 2 e^5); plain similarities would give class 0 (0.9 < 1.0)."""
+    angle = lambda c: [c, math.sqrt(1 - c * c), 0, 0, 0]
+    bank = np.array([angle(0.5), angle(0.5), angle(0.9)]) * [1, 1, 1, 1, 1]
+    bank[1, 1] *= -1
+    args = (Identity(), Vectors(bank, [0, 0, 1]), Vectors(np.array([[1.0, 0, 0, 0, 0]]), [1]), 3, 0.1, 8, 0,
+            torch.device("cpu"), None)
+    assert script.knn_monitor(*args) == (100.0, 100.0)
+
+
 def test_checkpoints_are_atomic_and_checked(script, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="x")
     path = str(tmp_path / "last.pt")

@@ -1,26 +1,22 @@
-"""nlp_similar_words.py: tokeniser, vocabulary, AG News CSV, word vectors, the similar-word table,
-the two text augmentations, the model, and `train` end to end on a split carved out of
-../shared/data/ag_news/test.csv (the AG News train.csv is not available offline)."""
-import copy
+"""nlp_similar_words.py: text pieces, similar-word table, augmentations, NT-Xent, the mean
+classifier, and the script end to end on the generated `ag_news` / `word_vectors` fixtures."""
 import csv
 import json
 import math
 import os
-import socket
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import common
 import nlp_similar_words as nlp
-from conftest import DATA, assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script
 
-AG = os.path.join(DATA, "ag_news")
-GLOVE = os.path.join(DATA, "word_vectors", "glove.6B.50d.10k.txt")
-TRAIN = ["train", "--data_dir", AG, "--batch_size", "128", "--workers", "0"]
+FAST = ["--batch_size", "32", "--workers", "0"]
 
 
 def read_csv(path):
@@ -34,7 +30,7 @@ def write(path, text):
 
 
 # ------------------------------------------------------------------------------------------------
-# Tokeniser, vocabulary, CSV
+# Text
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,tokens", [
@@ -42,112 +38,54 @@ def write(path, text):
      ["he", "said", "hi", "!", "(", "twice", ")", "it", "'", "s", "3", ".", "5", "ok", "yes", ",", "no", "?"]),
     ("A\tB\n  C   D ", ["a", "b", "c", "d"]),
     ("<BR />x<br/>y", ["x<br/>y"]),                       # lower-cased first; only "<br />" is a break
-    ("U.S.-based firm's #36;10 it#39;s a\\b", ["u", ".", "s", ".", "-based", "firm", "'", "s", "#36", "10",
-                                               "it#39", "s", "a\\b"]),
+    ("firm's #36;10 it#39;s a\\b", ["firm", "'", "s", "#36", "10", "it#39", "s", "a\\b"]),
     ("", []),
 ])
 def test_tokenize_follows_basic_english(text, tokens):
     assert nlp.tokenize(text) == tokens
 
 
-def test_clean_ag_news_undoes_the_escaping_leftovers():
-    assert nlp.clean_ag_news("it#39;s  #36;10 &lt;TXN.N&gt; \\$1B second\\team #151; &amp;") == \
-        "it's  $10 <TXN.N> $1B second team \u2014 &"
-
-
-def test_build_vocab_order_min_count_and_unk():
-    texts = ["b a c a b a d", "c b <unk> <unk> e", ["e", "d", "a"]]  # strings or token lists
-    # counts: a 4, b 3, c 2, d 2, e 2; <unk> is not counted
+def test_clean_vocab_and_encode():
+    assert nlp.clean_ag_news("it#39;s #36;10 &lt;TXN.N&gt; \\$1B second\\team &amp;") == "it's $10 <TXN.N> $1B second team &"
+    texts = ["b a c a b a d", "c b <unk> <unk> e", ["e", "d", "a"]]  # counts a 4, b 3, c 2, d 2, e 2
     assert nlp.build_vocab(texts, min_freq=2) == ["a", "b", "c", "d", "e", "<unk>"]
     assert nlp.build_vocab(texts, min_freq=3) == ["a", "b", "<unk>"]
-    assert nlp.build_vocab(texts, min_freq=5) == ["<unk>"]
-    assert nlp.build_vocab(["Zeta, alpha."], min_freq=1) == [",", ".", "alpha", "zeta", "<unk>"]
     ids, offsets = nlp.encode(["a zzz b", "", "e"], ["a", "b", "e", "<unk>"])
     assert ids.tolist() == [0, 3, 1, 2] and offsets.tolist() == [0, 3, 3, 4]
 
 
-def test_read_ag_news(tmp_path):
-    path = write(tmp_path / "x.csv", '"1","Title one","Desc with ""quotes"", commas and a back\\slash"\n'
-                                     '\n"3","T2","D2"\n')
-    texts, labels = nlp.read_ag_news(path)
-    assert texts == ['Title one Desc with "quotes", commas and a back\\slash', "T2 D2"] and labels == [0, 2]
-    texts, labels = nlp.read_ag_news(os.path.join(AG, "test.csv"))
-    assert len(texts) == 7600 and sorted(set(labels)) == [0, 1, 2, 3]
-    assert labels[:3] == [2, 3, 3] and texts[0].startswith("Fears for T N pension after talks Unions representing")
-
-
-@pytest.mark.parametrize("content,fragment", [
-    ('"1","title","description"\n"2","only a title"\n', "line 2: 2 column(s)"),
-    ("1\ta tab-separated row\n", "line 1: 1 column(s)"),
-    ("class,title,description\n1,a,b\n", "line 1: the class 'class' is not an integer"),
-    ('"0","a","b"\n', "not an integer >= 1"),
-])
-def test_read_ag_news_rejects_wrong_columns(tmp_path, content, fragment):
-    with pytest.raises(common.UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        nlp.read_ag_news(write(tmp_path / "bad.csv", content))
-
-
-def test_carve_split_is_stratified_and_deterministic():
-    labels = nlp.read_ag_news(os.path.join(AG, "test.csv"))[1]
-    train, test = nlp.carve_split(labels)
-    assert len(train) == 6080 and len(test) == 1520 and sorted(train + test) == list(range(7600))
-    for c in range(4):
-        rows = [i for i, y in enumerate(labels) if y == c]
-        assert [i for i in test if labels[i] == c] == rows[4::5]  # the 5th, 10th, ... of each class
-        assert sum(labels[i] == c for i in train) == 1520
-    assert nlp.carve_split([0, 1, 0, 0, 1, 0, 0, 1], every=2) == ([0, 1, 3, 6, 7], [2, 4, 5])
-
-
-def test_load_corpus_splits_and_classes(tmp_path):
-    carved = nlp.load_corpus(AG)  # no train.csv here: auto -> carved
-    assert carved.split == "carved" and len(carved.train_texts) == 6080 and len(carved.test_texts) == 1520
-    assert carved.classes == ["World", "Sports", "Business", "Sci/Tech"]
-    write(tmp_path / "train.csv", '"1","a","b"\n"2","c","d#39;s"\n')
-    write(tmp_path / "test.csv", '"2","e","f"\n')
-    original = nlp.load_corpus(str(tmp_path), clean_text=True)
-    assert original.split == "original" and original.train_texts == ["a b", "c d's"] and original.test_labels == [1]
-    assert original.classes == ["0", "1"]
+def test_read_ag_news_and_its_errors(tmp_path):
+    path = write(tmp_path / "x.csv", '"1","Title one","Desc, ""quoted"""\n\n"3","T2","D2"\n')
+    assert nlp.read_ag_news(path) == (['Title one Desc, "quoted"', "T2 D2"], [0, 2])
+    for content, fragment in [('"1","a","b"\n"2","c"\n', "line 2: 2 column(s)"), ("class,a,b\n", "line 1: the class"),
+                              ('"0","a","b"\n', "not an integer >= 1"), ("", "holds no documents")]:
+        with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            nlp.read_ag_news(write(tmp_path / "bad.csv", content))
+    with pytest.raises(FileNotFoundError, match="nowhere.csv does not exist"):
+        nlp.read_ag_news(str(tmp_path / "nowhere.csv"))
 
 
 # ------------------------------------------------------------------------------------------------
 # Word vectors and the similar-word table
 # ------------------------------------------------------------------------------------------------
 
-def test_vec_header_never_becomes_a_word(tmp_path):
-    # The header "3 2" starts with "3", a vocabulary word (the original code relied on it not being one).
-    path = write(tmp_path / "v.vec", "3 2\nthe 0.5 -1\n3 1.25 2 \nzebra 0 1\n")
+def test_read_vectors(tmp_path):
+    # the header "3 2" starts with "3", a vocabulary word: it must still not become one
+    path = write(tmp_path / "v.vec", "3 2\nthe 0.5 -1\n3 1.25 2 \nzebra 0 1\nthe 9 9\n")
     words, vectors = nlp.read_vectors(path, vocab=["3", "the"])
     assert words == ["the", "3"] and vectors.dtype == np.float64
-    np.testing.assert_array_equal(vectors, [[0.5, -1.0], [1.25, 2.0]])
-    words, _ = nlp.read_vectors(path)
-    assert words == ["the", "3", "zebra"]
-
-
-def test_glove_without_header_duplicates_and_filter(tmp_path):
-    path = write(tmp_path / "g.txt", "2 0.1 0.2 0.3\nthe 1 2 3\nof 4 5 6\nthe 7 8 9\n")  # no header, a number word
-    words, vectors = nlp.read_vectors(path)
-    assert words == ["2", "the", "of"]  # "2 0.1 0.2 0.3" is a word line, the first "the" wins
-    np.testing.assert_array_equal(vectors[1], [1.0, 2.0, 3.0])
-    words, vectors = nlp.read_vectors(GLOVE, vocab=["monday", "the", "notaword"])
-    assert words == ["the", "monday"] and vectors.shape == (2, 50) and vectors[0, 0] == 0.418
-
-
-@pytest.mark.parametrize("content,fragment", [
-    ("the 0.1 0.2\nof 0.3\n", "line 2: 'of' has 1 values, but the file's dimension is 2"),
-    ("10 3\nthe 0.1 0.2\n", "line 2: 'the' has 2 values, but the file's dimension is 3"),
-    ("the 0.1 x\n", "line 1: the values of 'the' are not numbers"),
-    ("", "holds no word vectors"),
-])
-def test_read_vectors_errors(tmp_path, content, fragment):
-    with pytest.raises(common.UserError, match=fragment):
-        nlp.read_vectors(write(tmp_path / "bad.vec", content), vocab=["the", "of"])
-    # lines of words outside the vocabulary are not parsed, so they cannot be wrong
-    assert nlp.read_vectors(write(tmp_path / "ok.vec", "the 1 2\nother 3\nof 4 5\n"), vocab=["the", "of"])[0] == ["the", "of"]
+    np.testing.assert_array_equal(vectors, [[0.5, -1.0], [1.25, 2.0]])  # the first "the" wins
+    assert nlp.read_vectors(path)[0] == ["the", "3", "zebra"]
+    assert nlp.read_vectors(write(tmp_path / "g.txt", "2 0.1 0.2 0.3\nof 4 5 6\n"))[0] == ["2", "of"]  # GloVe
+    for content, fragment in [("the 0.1 0.2\nof 0.3\n", "line 2: 'of' has 1 values"),
+                              ("the 0.1 x\n", "line 1: the values of 'the' are not numbers"), ("", "no word vectors")]:
+        with pytest.raises(ValueError, match=fragment):
+            nlp.read_vectors(write(tmp_path / "bad.vec", content), vocab=["the", "of"])
 
 
 def reference_table(vocab, words, vectors, k):
-    """The original code, densely: float64 cosine matrix of vocabulary words with vectors, minus 2 on
-    the diagonal, argsort, last k; identity rows for the others (and <unk>)."""
+    """The original code, densely: float64 cosines of the vocabulary words with vectors, -2 on the
+    diagonal, argsort, last k; identity rows for the others and <unk>."""
     stoi = {w: i for i, w in enumerate(vocab)}
     found = [(w, v) for w, v in zip(words, vectors) if w in stoi and w != "<unk>"]
     x = np.array([v for _, v in found], dtype=np.float64)
@@ -159,267 +97,255 @@ def reference_table(vocab, words, vectors, k):
     return table
 
 
-@pytest.mark.parametrize("block_size", [None, 1, 7, 1000])
-def test_blocked_topk_equals_dense_float64_reference(block_size):
+@pytest.mark.parametrize("block_elements", [1, 7 * 61, 2 ** 24])
+def test_blocked_topk_equals_dense_reference(block_elements):
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(80)] + ["<unk>"]
-    # words in the vector file: 60 of the vocabulary (in another order), 30 distractors and <unk>
     words = [f"w{i}" for i in rng.permutation(80)[:60]] + [f"x{i}" for i in range(30)] + ["<unk>"]
     words = [words[i] for i in rng.permutation(len(words))]
     vectors = rng.normal(size=(len(words), 16))
-    table = nlp.similar_words(vocab, words, vectors, k=5, block_size=block_size)
+    table = nlp.similar_words(vocab, words, vectors, k=5, block_elements=block_elements)
     assert table.dtype == np.int64 and table.shape == (81, 5)
     np.testing.assert_array_equal(table, reference_table(vocab, words, vectors, 5))
     missing = [i for i, w in enumerate(vocab) if w not in words or w == "<unk>"]
-    assert len(missing) == 21
     for i in range(81):
         assert (table[i] == i).all() if i in missing else (i not in table[i] and not set(table[i]) & set(missing))
 
 
-def test_last_column_is_the_nearest_and_clusters():
+def test_last_column_is_the_nearest_and_clusters(word_vectors):
     angles = {"a": 0, "b": 10, "c": 25, "d": 45, "e": 70, "f": 100, "g": 180}
     vocab = list(angles) + ["<unk>"]
     vectors = [[math.cos(math.radians(t)), math.sin(math.radians(t))] for t in angles.values()]
-    table = nlp.similar_words(vocab, list(angles), vectors, k=5)
-    named = [[vocab[j] for j in row] for row in table]
-    assert named[0] == ["f", "e", "d", "c", "b"]        # ascending similarity: b (10 degrees) last
-    assert named[6] == ["b", "c", "d", "e", "f"]        # g at 180 degrees: f is the nearest
-    assert named[7] == ["<unk>"] * 5
-    # synthetic clusters: every neighbour is in the word's own cluster
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(3, 16))
-    words = [f"c{c}_{i}" for c in range(3) for i in range(8)]
-    vectors = np.repeat(centres, 8, axis=0) + 0.05 * rng.normal(size=(24, 16))
-    table = nlp.similar_words(words, words, vectors, k=5)
-    assert all(words[j][:2] == words[i][:2] for i in range(24) for j in table[i])
+    named = [[vocab[j] for j in row] for row in nlp.similar_words(vocab, list(angles), vectors)]
+    assert named[0] == ["f", "e", "d", "c", "b"] and named[6] == ["b", "c", "d", "e", "f"] and named[7] == ["<unk>"] * 5
+    from conftest import TOPICS
+    vocab = [w for topic in TOPICS for w in topic] + ["absent", "<unk>"]
+    table = nlp.similar_words(vocab, *nlp.read_vectors(word_vectors, vocab))
+    for i, w in enumerate(vocab[:-2]):  # the fixture's topics are clusters of 6 words: 5 neighbours each
+        assert sorted(table[i]) == sorted(j for j in range(i // 6 * 6, i // 6 * 6 + 6) if j != i)
+    assert (table[-2:] == np.arange(len(vocab) - 2, len(vocab))[:, None]).all()
     with pytest.raises(ValueError, match="only 3 vocabulary words have vectors"):
-        nlp.similar_words(words, words[:3], vectors[:3], k=5)
-    assert (nlp.similar_words(words, ["nothing"], [[1.0]], k=2) == np.arange(24)[:, None]).all()
-
-
-def test_build_on_real_glove_finds_checkable_neighbours(tmp_path, capsys):
-    out = tmp_path / "ag_replace_ids.npy"
-    nlp.main(["build", "--vectors", GLOVE, "--train", os.path.join(AG, "test.csv"), "--split", "carved",
-              "--out", str(out)])
-    assert "wrote" in capsys.readouterr().out
-    table = np.load(out)
-    vocab = nlp.build_vocab(nlp.load_corpus(AG, "carved").train_texts)
-    assert table.dtype == np.int64 and table.shape == (len(vocab), 5) == (5706, 5)
-    names = {w: [vocab[j] for j in table[i]] for i, w in enumerate(vocab)}
-    days = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
-    for day in days:
-        assert set(names[day][1:]) <= set(days) - {day}, (day, names[day])  # the 4 nearest are days
-    assert names["saturday"][-1] == "sunday" and names["sunday"][-1] == "saturday"
-    months = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-              "november", "december"]
-    assert set(names["january"]) <= set(months) and set(names["two"]) <= {"three", "four", "five", "six", "seven", "eight"}
-    for word in ("#39", "<unk>"):  # not in GloVe (#39 is AG News's broken apostrophe), and the unknown word
-        assert names[word] == [word] * 5
-    ident = (table == np.arange(len(vocab))[:, None]).all(axis=1)
-    assert 900 < ident.sum() < 1100 and not any(i in table[i] for i in np.flatnonzero(~ident))
+        nlp.similar_words(vocab, vocab[:3], np.eye(3), k=5)
 
 
 # ------------------------------------------------------------------------------------------------
-# Augmentations, data sets, model
+# Augmentations, data set, model
 # ------------------------------------------------------------------------------------------------
 
-def test_ratio_zero_is_the_identity_and_lengths():
-    torch.manual_seed(0)
-    tokens = torch.randint(50, (300,))
-    table = torch.randint(50, (50, 5))
-    assert torch.equal(nlp.erase(tokens, 0.0), tokens) and torch.equal(nlp.replace(tokens, table, 0.0), tokens)
-    for ratio in (0.2, 0.5, 0.9):
-        assert nlp.replace(tokens, table, ratio).shape == tokens.shape
-        assert nlp.erase(tokens, ratio).shape[0] <= tokens.shape[0]
-    empty = torch.zeros(0, dtype=torch.long)
-    assert nlp.replace(empty, table, 0.2).shape == (0,) and nlp.erase(empty, 0.2).shape == (0,)
-
-
-def test_changed_fraction_matches_the_ratio():
+def test_erase_and_replace():
     n, k, ratio = 20000, 5, 0.2
     sigma4 = 4 * math.sqrt(n * ratio * (1 - ratio))
-    tokens = torch.arange(n)
-    table = n + torch.arange(n * k).view(n, k)  # candidate ids that reveal their source and column
+    tokens, table = torch.arange(n), n + torch.arange(n * k).view(n, k)  # candidates reveal source and column
+    assert torch.equal(nlp.erase(tokens, 0.0), tokens) and torch.equal(nlp.replace(tokens, table, 0.0), tokens)
     torch.manual_seed(1)
     out = nlp.replace(tokens, table, ratio)
     replaced = out >= n
     masked = int(replaced.sum())
-    assert abs(masked - n * ratio) < sigma4
-    assert not replaced[: n - masked].any()                      # kept tokens first ...
-    kept = out[: n - masked]
-    assert torch.equal(kept, kept.sort().values)                 # ... in their order
+    assert out.shape == tokens.shape and abs(masked - n * ratio) < sigma4
+    assert not replaced[: n - masked].any() and torch.equal(out[: n - masked], out[: n - masked].sort().values)
     source, column = (out[replaced] - n) // k, (out[replaced] - n) % k
-    assert torch.equal(source, source.sort().values)             # replacements in their tokens' order
-    assert sorted(kept.tolist() + source.tolist()) == list(range(n))
-    counts = torch.bincount(column, minlength=k).double()
-    assert ((counts - masked / k).abs() < 4 * math.sqrt(masked / k)).all()  # uniform over the k candidates
-    erased = n - nlp.erase(tokens, ratio).shape[0]
-    assert abs(erased - n * ratio) < sigma4
-    torch.manual_seed(2)
-    out = nlp.replace(tokens[:200], table, 0.9999)               # (the original asserts ratio < 1)
-    assert (out >= n).all() and all(int(o) in table[int(t)] for o, t in zip(out, tokens[:200]))
-
-
-def test_augmentation_is_seeded_by_torch_and_differs_per_worker():
-    tokens, table = torch.arange(100), torch.randint(100, (100, 5))
+    assert torch.equal(source, source.sort().values)  # replacements after the kept tokens, in order
+    assert sorted(out[: n - masked].tolist() + source.tolist()) == list(range(n))
+    assert ((torch.bincount(column, minlength=k) - masked / k).abs() < 4 * math.sqrt(masked / k)).all()
+    kept = nlp.erase(tokens, ratio)
+    assert abs(n - kept.shape[0] - n * ratio) < sigma4 and torch.equal(kept, kept.sort().values)
+    out = nlp.replace(tokens[:200], table, 0.9999)
+    assert (out >= n).all()
     torch.manual_seed(3)
     a = nlp.replace(tokens, table, 0.3)
     torch.manual_seed(3)
     assert torch.equal(a, nlp.replace(tokens, table, 0.3))
-    assert not torch.equal(a, nlp.replace(tokens, table, 0.3))
-    # Spec pitfall 9: DataLoader workers must not replay one random stream. Eight identical documents,
-    # two workers, one batch of 4 each: the two batches must differ.
-    ids = torch.arange(40).repeat(8)
-    dataset = nlp.TextDataset(ids, range(0, 321, 40), [0] * 8, ["x"], 40, nlp.Augment("erase", 0.5))
-    torch.manual_seed(0)
-    batches = list(DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=dataset.collate_fn))
-    assert len(batches) == 2 and not torch.equal(batches[0][0], batches[1][0])
+    # DataLoader workers must not replay one random stream: 8 identical documents, 2 workers
+    dataset = nlp.TextDataset(torch.arange(40).repeat(8), torch.arange(0, 321, 40), [0] * 8, 40, partial(nlp.erase, ratio=0.5))
+    batches = list(DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=dataset.collate))
+    assert not torch.equal(batches[0][0], batches[1][0])
 
 
-def test_text_dataset_and_collate():
-    ids, offsets = nlp.encode(["b a", "", "a a a c"], ["a", "b", "<unk>"])
-    dataset = nlp.TextDataset(ids, offsets, [1, 0, 1], ["x", "y"], pad_id=3)
-    tokens, labels = dataset.collate_fn([dataset[i] for i in range(3)])
-    assert tokens.tolist() == [[1, 0, 3, 3], [3, 3, 3, 3], [0, 0, 0, 2]] and labels.tolist() == [1, 0, 1]
-    pairs = common.TwoViews(dataset, nlp.Augment("erase", 0.0))
-    x1, x2, labels, index = dataset.collate_fn([pairs[2], pairs[1]])
-    assert torch.equal(x1, x2) and x1.tolist() == [[0, 0, 0, 2]] + [[3] * 4] and index.tolist() == [2, 1]
-    assert dataset.collate_fn([dataset[1]])[0].tolist() == [[3]]  # an empty batch still has one column
-    changed = dataset.with_transform(nlp.Augment("replace", 0.9999, torch.tensor([[1], [0], [2]])))
-    assert changed[0][0].tolist() == [0, 1] and dataset[0][0].tolist() == [1, 0] and len(changed) == 3
-
-
-def test_model_mean_excludes_padding_and_empty_documents_are_zero():
-    model = nlp.build_model({"vocab_size": 10, "embedding_dim": 4})
+def test_dataset_padding_and_model():
+    ids, offsets = nlp.encode(["b a", "", "a a a c"], ["a", "b", "c", "<unk>"])
+    dataset = nlp.TextDataset(ids, offsets, [1, 0, 1], pad_id=4)
+    tokens, labels = dataset.collate([dataset[i] for i in range(3)])
+    assert tokens.tolist() == [[1, 0, 4, 4], [4, 4, 4, 4], [0, 0, 0, 2]] and labels.tolist() == [1, 0, 1]
+    pairs = nlp.TextDataset(ids, offsets, [1, 0, 1], 4, partial(nlp.erase, ratio=0.0), views=2)
+    x1, x2, labels, index = pairs.collate([pairs[2], pairs[1]])
+    assert torch.equal(x1, x2) and x1.tolist() == [[0, 0, 0, 2], [4] * 4] and index.tolist() == [2, 1]
+    model = nlp.ContrastiveFastText(4, 3)
     weight = model.backbone.embedding.weight
-    x = torch.tensor([[1, 2, 10, 10], [10, 10, 10, 10], [3, 3, 3, 4]])
-    out = model.backbone(x)
-    torch.testing.assert_close(out[0], weight[[1, 2]].mean(0))
-    torch.testing.assert_close(out[2], weight[[3, 3, 3, 4]].mean(0))
-    assert (out[1] == 0).all() and (weight[10] == 0).all() and model.backbone.out_dim == 4
-    out.sum().backward()
-    assert (weight.grad[10] == 0).all()
-    head = model.projector
-    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert head[0].bias is not None and head[3].bias is None and head[3].weight.shape == (4, 4)
-    z1, z2 = model(x, x[:2])
-    assert z1.shape == (3, 4) and z2.shape == (2, 4)
-
-
-def test_mean_classifier_matches_a_dense_reference():
-    torch.manual_seed(0)
-    ids, offsets = nlp.encode(["a b", "b c", "c d", "d a", "a", "c", "b d"], ["a", "b", "c", "d", "<unk>"])
-    docs = nlp.TextDataset(ids, offsets, [0, 0, 1, 1, 2, 2, 1], ["p", "q", "r"], pad_id=5)
-    model = nlp.build_model({"vocab_size": 5, "embedding_dim": 3}).eval()
-    dist_info = common.setup_distributed()
-    state = torch.get_rng_state()
-    acc = nlp.mean_classifier_accuracy(model, docs, docs, dist_info, batch_size=3, seed=5)
-    assert torch.equal(state, torch.get_rng_state())  # evaluation leaves the training RNG alone
-    with torch.no_grad():
-        z = torch.nn.functional.normalize(model.projector(model.backbone(docs.collate_fn([docs[i] for i in range(7)])[0])), dim=1).double()
-    labels = torch.tensor(docs.targets)
-    mu = torch.stack([z[labels == c].mean(0) for c in range(3)])  # not re-normalised
-    assert acc == pytest.approx(100.0 * ((z @ mu.T).argmax(1) == labels).double().mean().item())
+    out = model.backbone(tokens)
+    torch.testing.assert_close(out[0], weight[[1, 0]].mean(0))       # the padding id 4 is left out
+    torch.testing.assert_close(out[2], weight[[0, 0, 0, 2]].mean(0))
+    assert (out[1] == 0).all() and (weight[4] == 0).all()
+    assert nlp.head_layout(model.projector) == [["0", "linear", 3, 3, True], ["1", "bn", 3, True], ["2", "relu"],
+                                                ["3", "linear", 3, 3, False]]
 
 
 # ------------------------------------------------------------------------------------------------
-# `train` end to end on the carved AG News split
+# NT-Xent
+# ------------------------------------------------------------------------------------------------
+
+def loop_nt_xent(z1, z2, t):
+    """SimCLR's loss with Python loops in float64: 2B anchors, 2B - 2 negatives each."""
+    z = [v / v.norm() for v in torch.cat([z1, z2]).double()]
+    b, total = z1.shape[0], 0.0
+    for i in range(2 * b):
+        positive = (i + b) % (2 * b)
+        denominator = sum(math.exp(float(z[i] @ z[j]) / t) for j in range(2 * b) if j != i)
+        total += -math.log(math.exp(float(z[i] @ z[positive]) / t) / denominator)
+    return total / (2 * b)
+
+
+@pytest.mark.parametrize("b,t", [(2, 0.5), (5, 0.5), (4, 0.1)])
+def test_nt_xent_equals_a_loop_and_gradcheck(b, t):
+    g = torch.Generator().manual_seed(b)
+    z1, z2 = torch.randn(b, 6, generator=g), torch.randn(b, 6, generator=g)
+    assert nlp.nt_xent(z1, z2, t).item() == pytest.approx(loop_nt_xent(z1, z2, t), rel=1e-5)
+    assert nlp.nt_xent(z1, z2, t).dtype == torch.float32
+    a, c = z1.double().requires_grad_(True), z2.double().requires_grad_(True)
+    assert nlp.nt_xent(a, c, t).item() == pytest.approx(loop_nt_xent(z1, z2, t), rel=1e-12)
+    assert torch.autograd.gradcheck(lambda x, y: nlp.nt_xent(x, y, t), (a, c))
+    # closed form: identical views, orthogonal documents -> log(e^(1/t) + 2B - 2) - 1/t
+    eye = torch.eye(b, 8, dtype=torch.float64)
+    assert nlp.nt_xent(eye, eye, t).item() == pytest.approx(math.log(math.exp(1 / t) + 2 * b - 2) - 1 / t, rel=1e-6)
+
+
+def test_larc_and_learning_rate():
+    p, zero = nn.Parameter(torch.tensor([3.0, 4.0])), nn.Parameter(torch.zeros(2))
+    p.grad, zero.grad = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0])
+    optimizer = torch.optim.SGD([{"params": [p, zero], "larc_weight_decay": 0.1}], lr=1.0)
+    nlp.larc_(optimizer)
+    # (g + wd p) * trust ||p|| / (||g|| + wd ||p|| + eps) = ([0, 2] + [0.3, 0.4]) * 1e-3 * 5 / 2.5
+    torch.testing.assert_close(p.grad, torch.tensor([0.3, 2.4]) * 2e-3)
+    assert zero.grad.tolist() == [1.0, 1.0]  # a zero weight keeps its gradient
+    args = nlp.get_parser().parse_args(["--batch_size", "64", "--epochs", "10", "--warmup_epochs", "2"])
+    assert nlp.learning_rate(args, 1.0) == pytest.approx(0.5 * 8.0)   # warm-up: half of 1.0 * sqrt(64)
+    assert nlp.learning_rate(args, 6.0) == pytest.approx(0.5 * 8.0)   # cosine: half-way from epoch 2 to 10
+    args.lr_scaling = "linear"
+    assert nlp.learning_rate(args, 2.0) == pytest.approx(64 / 256) and nlp.learning_rate(args, 10.0) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Mean classifier
+# ------------------------------------------------------------------------------------------------
+
+def is_subsequence(short, long):
+    it = iter(long)
+    return all(token in it for token in short)
+
+
+def test_mean_classifier_uses_one_augmented_view_of_train_and_clean_test():
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, 30, (12,), generator=gen) for _ in range(24)]
+    labels = [i % 3 for i in range(24)]
+    offsets = torch.tensor([0] + [12 * (i + 1) for i in range(24)])
+    train = nlp.TextDataset(torch.cat(docs), offsets, labels, 30, partial(nlp.erase, ratio=0.3))
+    test = nlp.TextDataset(torch.cat(docs[:12]), offsets[:13], labels[:12], 30)
+    fed, weights = [], torch.randn(31, 5, generator=gen)
+
+    def encoder(x):  # records every padded batch it sees; features = sum of word vectors
+        fed.append(x.clone())
+        return (weights[x] * (x != 30)[..., None]).sum(1)
+
+    state = torch.get_rng_state()
+    acc = nlp.mean_classifier(encoder, train, test, batch_size=5, device=torch.device("cpu"), seed=4)
+    assert torch.equal(state, torch.get_rng_state())  # evaluating leaves the training RNG alone
+    seen = [row[row != 30] for batch in fed for row in batch]
+    assert len(seen) == 24 + 12
+    train_seen, test_seen = seen[:24], seen[24:]
+    # train side: one erase draw per document (a sub-sequence, mostly shorter); test side: clean
+    assert sum(len(s) < 12 for s in train_seen) >= 18
+    assert all(is_subsequence(s.tolist(), d.tolist()) for s, d in zip(train_seen, docs))
+    assert all(torch.equal(s, d) for s, d in zip(test_seen, docs))
+    # the number: mu_c = mean of normalised train features, not re-normalised; argmax z . mu_c
+    z = torch.stack([F.normalize(encoder(s[None]), dim=1)[0] for s in train_seen])
+    mu = torch.stack([z[torch.tensor(labels) == c].mean(0) for c in range(3)])
+    zt = F.normalize(torch.stack([encoder(d[None])[0] for d in docs[:12]]), dim=1)
+    assert acc == pytest.approx(100 * ((zt @ mu.T).argmax(1) == torch.tensor(labels[:12])).double().mean().item())
+    fed.clear()
+    assert nlp.mean_classifier(encoder, train, test, 5, torch.device("cpu"), seed=4) == acc  # seeded
+
+
+# ------------------------------------------------------------------------------------------------
+# The script end to end
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run3(tmp_path_factory):
-    """3 epochs of the replace augmentation with the real GloVe vectors (table computed at start-up)."""
+def run3(tmp_path_factory, ag_news, word_vectors):
+    """3 epochs of replace with the fixture's word vectors (table computed at start-up)."""
     out = tmp_path_factory.mktemp("nlp") / "run3"
-    nlp.main([*TRAIN, "--vectors", GLOVE, "--epochs", "3", "--out_dir", str(out)])
+    nlp.main(["--data_dir", ag_news, "--vectors", word_vectors, *FAST, "--epochs", "3", "--out_dir", str(out)])
     return out
 
 
-def test_train_writes_the_run_directory_and_learns(run3, tmp_path):
+def test_run_directory_checkpoint_contract_and_learning(run3, ag_news, word_vectors, tmp_path):
     rows = read_csv(run3 / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    for column in ("loss", "lr", "docs_per_sec", "epoch_seconds", "mean_top1"):
-        assert all(r[column] != "" for r in rows), column
-    baseline = tmp_path / "untrained"
-    nlp.main([*TRAIN, "--vectors", GLOVE, "--epochs", "0", "--out_dir", str(baseline)])
-    untrained = float(read_csv(baseline / "metrics.csv")[0]["mean_top1"])
-    trained = float(rows[-1]["mean_top1"])
-    # chance is 25 %; measured: untrained 34.3, after 3 epochs 63.6 (deterministic on the CPU)
-    assert trained > 55 and trained > untrained + 20, (untrained, [r["mean_top1"] for r in rows])
+    assert list(rows[0]) == ["epoch", "loss", "lr", "images_per_sec", "epoch_seconds", "mean_top1"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(v != "" for r in rows for v in r.values())
+    ckpt = torch.load(run3 / "last.pt", weights_only=True)
+    args, vocab = ckpt["args"], ckpt["vocab"]
+    assert ckpt["script"] == "nlp_similar_words.py" and ckpt["epoch"] == 3 and ckpt["world_size"] == 1
+    for key in ("data_dir", "min_freq", "augmentation", "mask_ratio", "embedding_dim", "vocab_size", "subset", "clean_text"):
+        assert key in args, key
+    texts = nlp.read_ag_news(os.path.join(ag_news, "train.csv"))[0]
+    assert vocab == nlp.build_vocab(texts, 5) and vocab[-1] == "<unk>" and args["vocab_size"] == len(vocab)
+    assert ckpt["classes"] == ["0", "1", "2", "3"] and json.loads((run3 / "args.json").read_text()) == args
+    table = ckpt["replace_ids"]
+    assert table.dtype == torch.int64 and table.shape == (len(vocab), 5)
+    np.testing.assert_array_equal(table.numpy(), nlp.similar_words(vocab, *nlp.read_vectors(word_vectors, vocab)))
+    np.testing.assert_array_equal(np.load(run3 / "replace_ids.npy"), table.numpy())
+    # What linear_eval.py and bound.py do, without this script: rebuild backbone and head
+    backbone = nn.Module()
+    backbone.embedding = nn.EmbeddingBag(len(vocab) + 1, args["embedding_dim"], mode="mean", padding_idx=len(vocab))
+    backbone.load_state_dict(ckpt["backbone"])
+    layers = {"linear": lambda i, o, b: nn.Linear(i, o, bias=b), "bn": lambda n, a: nn.BatchNorm1d(n, affine=a),
+              "relu": nn.ReLU}
+    head = nn.Sequential(*[layers[kind](*sizes) for _, kind, *sizes in ckpt["head"]["layout"]])
+    head.load_state_dict(ckpt["head"]["state"])
+    model = nlp.ContrastiveFastText(len(vocab), args["embedding_dim"])
+    model.load_state_dict(ckpt["model"])
+    x = torch.tensor([[0, 3, len(vocab)], [5, len(vocab), len(vocab)]])
+    with torch.no_grad():
+        torch.testing.assert_close(head.eval()(backbone.embedding(x)), model.eval().projector(model.backbone(x)))
+    # it learns: the mean classifier beats the untrained network (measured: 70.0 untrained, then 75/92.5/100)
+    nlp.main(["--data_dir", ag_news, "--vectors", word_vectors, *FAST, "--epochs", "0", "--out_dir", str(tmp_path)])
+    untrained = read_csv(tmp_path / "metrics.csv")
+    assert [r["epoch"] for r in untrained] == ["0"] and untrained[0]["loss"] == ""
+    assert float(rows[-1]["mean_top1"]) >= 90 > float(untrained[0]["mean_top1"])
     assert float(rows[0]["loss"]) > float(rows[-1]["loss"])
-    args = json.loads((run3 / "args.json").read_text())
-    assert args["split"] == "carved" and args["vocab_size"] == 5706 and args["lr_scaling"] == "sqrt"
-    assert (run3 / "vocab.txt").read_text(encoding="utf-8").split("\n")[:3] == [".", "the", ","]
 
 
-def test_resume_continues_exactly(run3, tmp_path):
-    resumed = tmp_path / "resumed"
-    nlp.main([*TRAIN, "--vectors", GLOVE, "--epochs", "2", "--out_dir", str(resumed)])
-    nlp.main(["train", "--resume", str(resumed / "last.pt"), "--epochs", "3"])
-    a = torch.load(resumed / "last.pt", weights_only=True)
-    b = torch.load(run3 / "last.pt", weights_only=True)
+def test_resume_is_exact(run3, ag_news, word_vectors, tmp_path):
+    nlp.main(["--data_dir", ag_news, "--vectors", word_vectors, *FAST, "--epochs", "2", "--out_dir", str(tmp_path)])
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("3,9,9,9,9,9\n")  # a row after the checkpoint's epoch (a crashed run) is dropped
+    nlp.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "3"])
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path, run3))
     assert a["epoch"] == b["epoch"] == 3
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    rows, straight = read_csv(resumed / "metrics.csv"), read_csv(run3 / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert [(r["loss"], r["mean_top1"]) for r in rows] == [(r["loss"], r["mean_top1"]) for r in straight]
+    for key, state in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+    assert torch.equal(a["rng"][0][0], b["rng"][0][0])
+    strip = [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds")} for r in read_csv(run3 / "metrics.csv")]
+    assert [{k: v for k, v in r.items() if k in strip[0]} for r in read_csv(tmp_path / "metrics.csv")] == strip
 
 
-def test_checkpoint_interface_for_the_evaluation_scripts(run3, tmp_path):
-    ckpt = torch.load(run3 / "last.pt", weights_only=True)
-    assert ckpt["script"] == "nlp_similar_words.py" and ckpt["epoch"] == 3 and len(ckpt["rng"]) == 1
-    for key in ("args", "backbone", "model", "optimizer", "scaler", "vocab", "replace_ids", "classes"):
-        assert key in ckpt, key
-    vocab, table = ckpt["vocab"], ckpt["replace_ids"]
-    assert len(vocab) == ckpt["args"]["vocab_size"] and vocab[-1] == "<unk>" and table.shape == (len(vocab), 5)
-    np.testing.assert_array_equal(np.load(run3 / "replace_ids.npy"), table.numpy())
-    model = common.model_from_checkpoint(ckpt)  # what linear_eval.py and bound.py do
-    assert not model.training and torch.equal(model.backbone.embedding.weight, ckpt["backbone"]["embedding.weight"])
-    train, test = nlp.eval_datasets(ckpt["args"], train_augment=True)  # vocabulary and table from the run dir
-    assert len(train) == 6080 and len(test) == 1520 and train.classes[1] == "Sports" and len(train.targets) == 6080
-    clean = train.with_transform(None)
-    assert all(train[i][0].shape == clean[i][0].shape for i in range(50))  # replace keeps the length
-    assert sum(not torch.equal(train[i][0], clean[i][0]) for i in range(50)) > 25
-    augmented_test = copy.copy(test)  # how bound.py augments the test split: the train split's transform
-    augmented_test.transform = train.transform
-    assert sum(not torch.equal(augmented_test[i][0], test[i][0]) for i in range(50)) > 25
-    x, y = test.collate_fn([test[i] for i in range(8)])
-    assert x.dtype == torch.long and x.shape[0] == 8 and y.tolist() == test.targets[:8]
-    with torch.no_grad():
-        assert model.projector(model.backbone(x)).shape == (8, 50)
-    # a moved run directory: the vocabulary and table come from the checkpoint instead
-    moved = dict(ckpt["args"], out_dir=str(tmp_path / "gone"), replace_ids="")
-    with pytest.raises(common.UserError, match="similar-word table was not found"):
-        nlp.eval_datasets(moved, train_augment=True)
-    train2, _ = common.run_datasets(dict(ckpt, args=moved), train_augment=True)  # what the evaluators call
-    assert torch.equal(train2.with_transform(None)[5][0], clean[5][0])
-    with pytest.raises(common.UserError, match="do not give the run's vocabulary"):
-        nlp.eval_datasets(moved, checkpoint={"vocab": vocab[1:]})
+def test_erase_subset_clean_text_and_a_non_finite_loss(ag_news, tmp_path, monkeypatch, capsys):
+    calls = []
 
+    def nan_on_step_7(z1, z2, t):
+        calls.append(1)
+        loss = nlp.F.cross_entropy(z1 @ z2.T, torch.arange(z1.shape[0]))
+        return loss * float("nan") if len(calls) == 7 else loss
 
-def ddp_worker(rank, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    nlp.main(argv)
-
-
-def test_two_processes_erase_bf16(tmp_path):
-    # The torchrun code path (gloo, DDP, gathered negatives, the mean classifier split over ranks) in
-    # two processes forked from this one, which saves the two fresh torch imports of torchrun.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "ddp"
-    argv = [*TRAIN, "--augmentation", "erase", "--precision", "bf16", "--epochs", "1", "--out_dir", str(out)]
-    mp.start_processes(ddp_worker, args=(port, argv), nprocs=2, start_method="fork")
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["replace_ids"] is None
-    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seed offset by rank
-    row = read_csv(out / "metrics.csv")[0]
-    assert float(row["mean_top1"]) > 25 and 0 < float(row["loss"]) < 10
-    train, _ = nlp.eval_datasets(ckpt["args"], train_augment=True)
-    assert train.transform.kind == "erase"
-    assert all(train[i][0].shape[0] <= train.with_transform(None)[i][0].shape[0] for i in range(50))
+    monkeypatch.setattr(nlp, "nt_xent", nan_on_step_7)
+    argv = ["--data_dir", ag_news, "--augmentation", "erase", "--subset", "96", "--clean_text", "--embedding_dim", "8",
+            *FAST, "--epochs", "4", "--eval_every", "0", "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="non-finite loss at epoch 3, step 1 .* still holds epoch 2"):
+        nlp.main(argv)  # 96 documents, 3 steps per epoch: the 7th step is epoch 3, step 1
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["replace_ids"] is None and ckpt["backbone"]["embedding.weight"].shape[1] == 8
+    assert ckpt["args"]["clean_text"] and ckpt["args"]["subset"] == 96
+    assert [r["mean_top1"] for r in read_csv(tmp_path / "metrics.csv")] == ["", ""]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -431,103 +357,91 @@ def assert_exit_2(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_info:
         nlp.main(argv)
     err = capsys.readouterr().err
-    lines = [line.split("\r")[-1] for line in err.splitlines()]  # what a terminal shows after progress bars
-    lines = [line for line in lines if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert exit_info.value.code == 2 and "Traceback" not in err, err
-    assert lines[-1].startswith("nlp_similar_words.py") and ": error: " in lines[-1] and fragment in lines[-1], err
+    assert lines[-1].startswith("nlp_similar_words.py: error: ") and fragment in lines[-1], err
     assert len(lines) == 1 or lines[0].startswith("usage:"), err
 
 
-@pytest.fixture
-def tiny(tmp_path):
-    """A one-document training CSV with 'the' and 'of' twice each, and an AG News-like data dir."""
-    corpus = write(tmp_path / "train.csv", '"1","the of","the of"\n')
-    data = tmp_path / "data"
-    data.mkdir()
-    write(data / "test.csv", "")
-    return corpus, str(data)
+@pytest.mark.parametrize("flags,fragment", [
+    (["--mask_ratio", "1"], "--mask_ratio must be in [0, 1)"),
+    (["--lr", "nan"], "must be finite"),
+    (["--temperature", "0"], "--temperature and --lr must be > 0"),
+    (["--batch_size", "1"], "--batch_size must be >= 2"),
+    (["--embedding_dim", "0"], "--embedding_dim"),
+    (["--augmentation", "swap"], "invalid choice"),
+    (["--augmentation", "replace"], "needs --vectors FILE or --replace_ids FILE"),
+    (["--vectors", "v.txt", "--replace_ids", "t.npy"], "not both"),
+    (["--augmentation", "erase", "--vectors", "v.txt"], "are for --augmentation replace"),
+    (["--augmentation", "erase", "--batch_size", "512"], "160 training documents are fewer than one batch of 512"),
+    (["--augmentation", "erase", "--min_freq", "1000"], "no word occurs 1000 times"),
+    (["--vectors", "/nowhere/v.txt"], "/nowhere/v.txt does not exist"),
+])
+def test_bad_flags(flags, fragment, ag_news, tmp_path, capsys):
+    assert_exit_2(["--data_dir", ag_news, *FAST, "--out_dir", str(tmp_path), *flags], fragment, capsys)
 
 
-def test_bad_input_exits_with_one_line(tiny, tmp_path, capsys):
-    corpus, empty_dir = tiny
-    bad_vec = write(tmp_path / "bad.vec", "the 0.1 0.2\nof 0.3\n")
-    build = ["build", "--train", corpus, "--min_freq", "1", "--out", str(tmp_path / "t.npy")]
-    assert_exit_2([*build, "--vectors", bad_vec], "inconsistent dimensions", capsys)
-    assert_exit_2([*build, "--vectors", str(tmp_path / "missing.vec")], "does not exist", capsys)
-    assert_exit_2(["build", "--train", write(tmp_path / "empty.csv", ""), "--vectors", GLOVE], "the corpus is empty", capsys)
-    assert_exit_2(["build", "--train", write(tmp_path / "cols.csv", '"1","a","b"\n"2","c"\n'), "--vectors", GLOVE],
-                  "line 2: 2 column(s)", capsys)
-    assert_exit_2(["train", "--data_dir", empty_dir], "0 training and 0 test documents", capsys)
-    assert_exit_2(["train", "--data_dir", str(tmp_path / "nowhere")], "test.csv does not exist", capsys)
-    out = ["--out_dir", str(tmp_path / "run")]
-    assert_exit_2([*TRAIN, *out], "needs the similar-word table", capsys)
-    assert_exit_2([*TRAIN, *out, "--mask_ratio", "1"], "--mask_ratio must be in [0, 1)", capsys)
-    assert_exit_2([*TRAIN, *out, "--augmentation", "swap"], "invalid choice", capsys)
-    assert_exit_2([*TRAIN, *out, "--replace_ids", x := str(tmp_path / "t.npy"), "--vectors", GLOVE], "not both", capsys)
-    np.save(x, np.zeros((3, 5), dtype=np.int64))
-    assert_exit_2([*TRAIN, *out, "--replace_ids", x], "expected an integer table of shape (5706, k)", capsys)
-    assert_exit_2([*TRAIN, *out, "--augmentation", "erase", "--batch_size", "8000"], "fewer than one batch", capsys)
-    assert_exit_2([*TRAIN, *out, "--augmentation", "erase", "--vectors", GLOVE], "are for --augmentation replace", capsys)
+def test_bad_data_tables_checkpoints_and_out_dir(run3, ag_news, word_vectors, tmp_path, capsys):
+    erase = ["--augmentation", "erase", *FAST, "--out_dir", str(tmp_path / "out")]
+    (tmp_path / "half").mkdir()
+    write(tmp_path / "half" / "train.csv", open(os.path.join(ag_news, "train.csv")).read())
+    assert_exit_2(["--data_dir", str(tmp_path / "half"), *erase], "half/test.csv does not exist", capsys)
+    assert_exit_2(["--data_dir", str(tmp_path), *erase], "train.csv does not exist", capsys)
+    np.save(tmp_path / "t.npy", np.zeros((3, 5), dtype=np.int64))
+    assert_exit_2(["--data_dir", ag_news, "--replace_ids", str(tmp_path / "t.npy"), *FAST, "--out_dir", str(tmp_path)],
+                  "expected an int64 table [36, 5]", capsys)
+    write(tmp_path / "junk.npy", "not numpy")
+    assert_exit_2(["--data_dir", ag_news, "--replace_ids", str(tmp_path / "junk.npy"), *FAST, "--out_dir",
+                   str(tmp_path)], "cannot use", capsys)
+    assert_exit_2(["--data_dir", ag_news, *erase[:-1], str(tmp_path / "junk.npy" / "sub")], "cannot write to --out_dir", capsys)
+    assert_exit_2(["--resume", str(tmp_path / "junk.npy")], "cannot read checkpoint", capsys)
+    ckpt = torch.load(run3 / "last.pt", weights_only=True)
+    torch.save(dict(ckpt, script="simclr_debiased.py"), tmp_path / "other.pt")
+    assert_exit_2(["--resume", str(tmp_path / "other.pt")], "is not a checkpoint of nlp_similar_words.py", capsys)
+    torch.save({"script": "nlp_similar_words.py"}, tmp_path / "empty.pt")
+    assert_exit_2(["--resume", str(tmp_path / "empty.pt")], "lacks entries", capsys)
+    assert_exit_2(["--resume", str(run3 / "last.pt"), "--mask_ratio", "0.5", "--out_dir", str(tmp_path)],
+                  "--mask_ratio 0.5 differs from the checkpoint's 0.2", capsys)
+    assert_exit_2(["--resume", str(run3 / "last.pt"), "--data_dir", str(tmp_path / "half"), "--out_dir", str(tmp_path)],
+                  "test.csv does not exist", capsys)
 
 
-def test_bad_checkpoints(run3, tmp_path, capsys):
-    last = str(run3 / "last.pt")
-    assert_exit_2(["train", "--resume", last, "--augmentation", "erase", "--out_dir", str(tmp_path / "x")],
-                  "--augmentation erase differs from the checkpoint's replace", capsys)
-    ckpt = torch.load(last, weights_only=True)
-    ckpt["script"] = "simclr_debiased.py"
-    torch.save(ckpt, tmp_path / "other.pt")
-    assert_exit_2(["train", "--resume", str(tmp_path / "other.pt")], "written by simclr_debiased.py", capsys)
-
-
-def test_bad_input_as_a_process_and_import_without_side_effects(tiny, tmp_path):
-    # One fresh interpreter (a torch import costs seconds): importing the script parses nothing, loads
-    # nothing and starts no process group; then a bad vector file seen from the shell: exit status 2,
-    # one line on stderr, no traceback.
-    bad_vec = write(tmp_path / "bad.vec", "the 0.1 0.2\nof 0.3\n")
-    code = ("import sys, nlp_similar_words; import torch.distributed as d; assert not d.is_initialized(); "
-            "print(sorted(m for m in ('nlp_similar_words', 'common', 'simclr_debiased') if m in sys.modules), "
-            "flush=True); sys.argv[0] = 'nlp_similar_words.py'; nlp_similar_words.main()")
-    result = run_script("-c", code, "build", "--train", tiny[0], "--min_freq", "1", "--vectors", bad_vec,
-                        "--out", str(tmp_path / "t.npy"))
-    assert result.stdout.strip() == "['common', 'nlp_similar_words', 'simclr_debiased']", result.stderr
-    result.stderr = "\n".join(line.split("\r")[-1] for line in result.stderr.splitlines())  # as a terminal shows it
-    assert_one_line_error(result, "line 2: 'of' has 1 values")
+def test_as_a_process_import_has_no_side_effects(tmp_path):
+    # One fresh interpreter (a torch import costs seconds): importing parses nothing, loads nothing and
+    # starts no process group; then a bad vector file seen from the shell: exit 2, one line, no traceback.
+    write(tmp_path / "train.csv", '"1","the of the of the of the","of of"\n' * 3)
+    write(tmp_path / "test.csv", '"2","the","of"\n')
+    code = ("import sys, nlp_similar_words as m; import torch.distributed as d; assert not d.is_initialized(); "
+            "print(sorted(k for k in ('common', 'simclr_debiased') if k in sys.modules), flush=True); "
+            "sys.argv[0] = 'nlp_similar_words.py'; m.main()")
+    result = run_script("-c", code, "--data_dir", str(tmp_path), "--min_freq", "1", "--batch_size", "2",
+                        "--vectors", write(tmp_path / "bad.vec", "the 0.1 0.2\nof 0.3\n"), "--out_dir", str(tmp_path))
+    assert result.stdout.strip() == "[]", result.stderr
+    assert_one_line_error(result, "bad.vec line 2: 'of' has 1 values")
 
 
 def test_help(capsys):
-    for argv in (["--help"], ["train", "--help"], ["build", "--help"]):
-        with pytest.raises(SystemExit) as exit_info:
-            nlp.main(argv)
-        assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    assert "GLOBAL batch" in text and "--mask_ratio" in text and "--vectors" in text and "carved" in text
+    with pytest.raises(SystemExit) as exit_info:
+        nlp.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "GLOBAL batch" in out and "--mask_ratio" in out
 
 
-def test_subset_keeps_evenly_spaced_training_documents():
-    full = nlp.load_corpus(AG, "carved")
-    part = nlp.load_corpus(AG, "carved", subset=600)
-    assert len(part.train_texts) == 600 and part.test_texts == full.test_texts
-    assert part.train_texts[1] == full.train_texts[len(full.train_texts) // 600]
-    assert sorted(set(part.train_labels)) == [0, 1, 2, 3]  # the carved split is class-sorted: every class stays
 
+def test_the_script_feeds_the_mean_classifier_augmented_train_and_clean_test(ag_news, tmp_path, monkeypatch):
+    fed, real = [], nlp.mean_classifier
 
-def test_less_common_train_and_build_flags(tmp_path):
-    out = tmp_path / "flags"
-    nlp.main([*TRAIN, "--augmentation", "erase", "--subset", "512", "--epochs", "1", "--embedding_dim", "16",
-              "--lr_scaling", "linear", "--trust_coefficient", "0.002", "--eval_batch_size", "100", "--clean_text",
-              "--out_dir", str(out)])
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["backbone"]["embedding.weight"].shape[1] == 16 and ckpt["model"]["projector.3.weight"].shape == (16, 16)
-    assert ckpt["args"]["trust_coefficient"] == 0.002 and ckpt["args"]["clean_text"] is True
-    # --lr_scaling linear: lr x B / 256; the last step of the only epoch is still in the 2-epoch warm-up
-    assert float(read_csv(out / "metrics.csv")[0]["lr"]) < 1.0 * 128 / 256
-    vocab_clean = nlp.build_vocab([nlp.clean_ag_news(t) for t in nlp.load_corpus(AG, "carved", subset=512).train_texts])
-    assert ckpt["vocab"] == vocab_clean  # --clean_text changed the vocabulary the run used
-    table = tmp_path / "t.npy"
-    nlp.main(["build", "--vectors", GLOVE, "--train", os.path.join(AG, "test.csv"), "--split", "carved", "--block_size",
-              "7", "--device", "cpu", "--out", str(table)])
-    reference = tmp_path / "r.npy"
-    nlp.main(["build", "--vectors", GLOVE, "--train", os.path.join(AG, "test.csv"), "--split", "carved", "--out",
-              str(reference)])
-    np.testing.assert_array_equal(np.load(table), np.load(reference))  # blocks of 7 rows give the same table
+    def recording(embed, *args, **kwargs):
+        return real(lambda x: fed.append(x.clone()) or embed(x), *args, **kwargs)
+
+    monkeypatch.setattr(nlp, "mean_classifier", recording)
+    nlp.main(["--data_dir", ag_news, "--augmentation", "erase", *FAST, "--epochs", "0", "--out_dir", str(tmp_path)])
+    vocab = torch.load(tmp_path / "last.pt", weights_only=True)["vocab"]
+    clean = [[nlp.encode([text], vocab)[0] for text in nlp.read_ag_news(os.path.join(ag_news, name))[0]]
+             for name in ("train.csv", "test.csv")]
+    seen = [row[row != len(vocab)] for batch in fed for row in batch]  # padding id = len(vocab)
+    assert len(seen) == len(clean[0]) + len(clean[1])
+    train_seen, test_seen = seen[:len(clean[0])], seen[len(clean[0]):]
+    assert all(is_subsequence(s.tolist(), d.tolist()) for s, d in zip(train_seen, clean[0]))
+    assert sum(len(s) < len(d) for s, d in zip(train_seen, clean[0])) > 0.8 * len(clean[0])  # one erase draw each
+    assert all(torch.equal(s, d) for s, d in zip(test_seen, clean[1]))

@@ -27,6 +27,14 @@ def knn_data(seed):
     return Vectors(rng.normal(size=(len(y), 5)) + y[:, None], y)  # 37 and 23 rows: uneven over 2 ranks
 
 
+def far_data():
+    """3 bank points of class 1 and one test point of class 1 facing away from all of them: its
+    nearest neighbour has similarity -1, so a padding row (zeros, similarity 0) must never vote.
+    With 2 processes the bank is padded by one row and one process has no test point at all."""
+    bank = np.eye(5)[[0, 1, 2]] + 0.1
+    return Vectors(bank, [1, 1, 1]), Vectors(-bank[:1] - 0.5, [1])
+
+
 def worker(rank, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     results = {"losses": [], "grads": [], "local": []}
@@ -44,6 +52,7 @@ def worker(rank, store, out_dir):
     (gather_with_grad(x) * torch.arange(4.0)[:, None]).sum().backward()  # row r of the gathered batch weighs r
     results["gather_grad"] = x.grad
     results["knn"] = knn_monitor(Identity(), knn_data(0), knn_data(1), 5, 0.1, 4, 0, torch.device("cpu"), None)
+    results["knn_far"] = knn_monitor(Identity(), *far_data(), 1, 0.1, 4, 0, torch.device("cpu"), None)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -92,4 +101,6 @@ def test_knn_monitor_equals_one_process(ranks):
     single = knn_monitor(Identity(), knn_data(0), knn_data(1), 5, 0.1, 4, 0, torch.device("cpu"), None)
     for result in ranks:
         assert result["knn"] == pytest.approx(single, abs=1e-9)
+        assert result["knn_far"] == (100.0, 100.0)
     assert 0 < single[0] <= single[1] <= 100
+    assert knn_monitor(Identity(), *far_data(), 1, 0.1, 4, 0, torch.device("cpu"), None) == (100.0, 100.0)
