@@ -403,6 +403,30 @@ def build_encoder(ckpt, features, normalize):
     return encoder.requires_grad_(False)
 
 
+def rgb_to_lab(rgb):
+    """CIE L*a*b* (D65 white) of sRGB values in [0, 1], channels at dim -3 (skimage's rgb2lab):
+    L in [0, 100], a in [-86.2, 98.2], b in [-107.9, 94.5] over the sRGB gamut."""
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz_from_rgb = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                                 [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
+    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=rgb.dtype, device=rgb.device)
+    xyz = torch.einsum("ij,...jhw->...ihw", xyz_from_rgb / white[:, None], linear)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+
+
+class LabInput:
+    """ring_nce.py's CMC input: an RGB transform (tensor in [0, 1]), then Lab normalised with the
+    run's `lab_mean` and `lab_std` (its checkpoint's args)."""
+
+    def __init__(self, transform, mean, std):
+        self.transform, self.mean, self.std = transform, torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+    def __call__(self, img):
+        return (rgb_to_lab(self.transform(img)) - self.mean) / self.std
+
+
 def build_data(ckpt, data_dir, views=()):
     """{"train", "test", *views} data sets of (input, label), and the collate function (text) or
     None: plain train/test, "run"/"test_run" = train/test under the run's own augmentation (one
@@ -421,12 +445,16 @@ def build_data(ckpt, data_dir, views=()):
             data[name] = copy.copy(data["test" if name == "test_run" else "train"])
             data[name].transform = TextAugment(a["augmentation"], a["mask_ratio"], ckpt.get("replace_ids"))
         return data, data["train"].collate
-    norm = common.normalization(a.get("norm", "cifar10"), a["dataset"])
+    lab = a.get("input_space") == "lab"  # ring_nce.py's CMC: Lab input, trained on crop + flip only
+    norm = None if lab else common.normalization(a.get("norm", "cifar10"), a["dataset"])
     crop = a.get("crop_size", 32)
     plain = common.eval_transform(norm, size=crop if a["dataset"] == "folder" else None)
-    run = common.train_transform(crop, blur_p=a.get("blur_p", 0.5), normalize=norm)
+    run = common.train_transform(crop, (0.2, 1.0), jitter_p=0, grayscale_p=0, blur_p=0, normalize=None) if lab else \
+        common.train_transform(crop, blur_p=a.get("blur_p", 0.5), normalize=norm)
     size = crop if a["dataset"] == "folder" else (96 if a["dataset"] == "stl10" else 32)
     flip = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), plain])
+    if lab:
+        plain, run, flip = (LabInput(t, a["lab_mean"], a["lab_std"]) for t in (plain, run, flip))
     make = {"train": ("train", plain), "test": ("test", plain), "run": ("train", run), "test_run": ("test", run),
             "crop_flip": ("train", flip)}
     data = {name: common.build_dataset(a["dataset"], root, split, t) for name, (split, t) in make.items()

@@ -10,7 +10,8 @@ import linear_eval
 import nlp_similar_words
 
 TEXT = ["tokenize", "clean_ag_news", "read_ag_news", "encode", "erase", "replace"]
-EVAL = ["Documents", "TextAugment", "BagOfWords", "load_run", "build_head", "Encoder", "build_encoder", "build_data"]
+EVAL = ["Documents", "TextAugment", "BagOfWords", "load_run", "build_head", "Encoder", "build_encoder", "build_data",
+        "LabInput", "rgb_to_lab"]
 
 
 @pytest.mark.parametrize("name", TEXT)
@@ -18,6 +19,11 @@ def test_text_functions_are_verbatim_copies_of_nlp_similar_words(name):
     original = inspect.getsource(getattr(nlp_similar_words, name))
     assert inspect.getsource(getattr(linear_eval, name)) == original
     assert inspect.getsource(getattr(bound, name)) == original
+
+
+def test_lab_conversion_is_ring_nces():
+    import ring_nce
+    assert inspect.getsource(linear_eval.rgb_to_lab) == inspect.getsource(ring_nce.rgb_to_lab)
 
 
 @pytest.mark.parametrize("name", EVAL)

@@ -28,14 +28,19 @@ def test_gpu_aug_trains_with_batched_views(name, image_folder, tmp_path, monkeyp
     calls = []
     real = common.BatchedAugment.forward
     monkeypatch.setattr(common.BatchedAugment, "forward",
-                        lambda self, images, generator=None: calls.append(tuple(images.shape)) or real(self, images, generator))
+                        lambda self, images, generator=None: calls.append((tuple(images.shape), int(images.sum())))
+                        or real(self, images, generator))
     module.main([*TINY, *flags, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(tmp_path)])
     # 64 images, batch 16: 4 steps, each augmenting the batch's uint8 images once per view
-    assert calls == [(16, 3, 16, 16)] * (4 * views_per_image)
+    assert [shape for shape, _ in calls] == [(16, 3, 16, 16)] * (4 * views_per_image)
+    first_epoch = [total for _, total in calls]
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[-1]["epoch"] == "1" and float(rows[-1]["loss"]) > 0
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["args"]["gpu_aug"] is True and ckpt["epoch"] == 1
+    calls.clear()
     module.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2"])
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    # the sampler is re-seeded every epoch (set_epoch): epoch 2 sees the images in another order
+    assert len(calls) == len(first_epoch) and [t for _, t in calls] != first_epoch

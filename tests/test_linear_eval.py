@@ -368,3 +368,25 @@ def test_bad_input(image_ckpt, shifted, tmp_path, capsys):
              ([image_ckpt, "--epochs", "0"], "--epochs"), ([shifted, "--augment", "crop_flip"], "image checkpoint")]
     for argv, fragment in cases:
         exit_2(argv, fragment, capsys)
+
+
+def test_cmc_checkpoint_is_evaluated_on_its_lab_input(image_folder, tmp_path):
+    """ring_nce.py's CMC trains on normalised Lab images: the evaluation must feed the same input
+    (the data set's plain view equals ring_nce's own), and then reproduces the run's kNN monitor."""
+    import ring_nce
+    out = tmp_path / "cmc"
+    ring_nce.main(["--dataset", "folder", "--data_dir", image_folder, "--arch", "resnet18", "--width", "4",
+                   "--crop_size", "16", "--batch_size", "16", "--workers", "0", "--method", "cmc",
+                   "--num_negatives", "32", "--epochs", "1", "--out_dir", str(out)])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    data, _ = linear_eval.build_data(ckpt, None, views=("run",))
+    image = common.build_dataset("folder", image_folder, "test")[5][0]
+    expected = ring_nce.ToLab(common.eval_transform(None))(image)
+    torch.testing.assert_close(data["test"][5][0], expected)
+    assert data["run"][0][0].shape == (3, 16, 16)
+    with open(out / "metrics.csv") as f:
+        monitor = float(list(__import__("csv").DictReader(f))[-1]["knn_top1"])
+    linear_eval.main([str(out / "last.pt"), "--protocol", "moco", "--epochs", "1", "--augment", "none",
+                      "--knn_k", "200", "--knn_t", "0.1", "--workers", "0", "--out", str(tmp_path / "eval.json")])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["knn"]["top1"] == pytest.approx(monitor, abs=1e-6)

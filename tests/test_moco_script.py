@@ -138,7 +138,7 @@ def test_bad_files_are_one_line_errors(tmp_path, image_folder, capsys):
 
 
 def test_benchmark_quick(tmp_path):
-    result = run_script("benchmarks/moco_mochi.py", "--quick", "--csv", str(tmp_path / "bench.csv"))
+    result = run_script("benchmarks/mochi_cost.py", "--quick", "--csv", str(tmp_path / "bench.csv"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(tmp_path / "bench.csv")
     assert {r["variant"] for r in rows} >= {"moco", "mochi"} and all(float(r["value"]) > 0 for r in rows)

@@ -138,7 +138,7 @@ def test_bad_input(image_folder, tmp_path, capsys):
 
 def test_benchmark_quick(tmp_path):
     """Also the one run in a fresh interpreter: the benchmark imports the script as a user would."""
-    result = run_script("benchmarks/nnclr_kmclr.py", "--quick", "--csv", str(tmp_path / "bench.csv"), timeout=300)
+    result = run_script("benchmarks/nnclr_cost.py", "--quick", "--csv", str(tmp_path / "bench.csv"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(tmp_path / "bench.csv")
     assert [r["piece"] for r in rows] == ["backbone_fwd_bwd", "nn_lookup", "kmeans_step", "loss_fwd_bwd"]

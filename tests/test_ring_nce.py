@@ -314,7 +314,7 @@ def test_two_process_checkpoints(ranks):
 def test_benchmark_quick(tmp_path, monkeypatch, capsys):
     from conftest import ROOT
     monkeypatch.setattr(sys, "argv", ["ring_nce.py", "--quick", "--csv", str(tmp_path / "bench.csv")])
-    runpy.run_path(os.path.join(ROOT, "benchmarks", "ring_nce.py"), run_name="__main__")
+    runpy.run_path(os.path.join(ROOT, "benchmarks", "ring_cost.py"), run_name="__main__")
     assert "ring_topk" in capsys.readouterr().out
     lines = (tmp_path / "bench.csv").read_text().splitlines()
     assert lines[0].startswith("pool,") and len(lines) == 7

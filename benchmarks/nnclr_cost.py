@@ -1,9 +1,9 @@
 """What NNCLR's support set and KMCLR's k-means cost per training step of nnclr_kmclr.py, against
 the backbone's forward and backward on the same batch, measured in the same run.
 
-    python benchmarks/nnclr_kmclr.py                 # B = 64, K = 98304, k = 400, d = 256, ResNet-18 at 32 px
-    python benchmarks/nnclr_kmclr.py --width 16      # a smaller backbone (a busy CPU)
-    python benchmarks/nnclr_kmclr.py --quick         # tiny sizes (a test runs this)
+    python benchmarks/nnclr_cost.py                 # B = 64, K = 98304, k = 400, d = 256, ResNet-18 at 32 px
+    python benchmarks/nnclr_cost.py --width 16      # a smaller backbone (a busy CPU)
+    python benchmarks/nnclr_cost.py --quick         # tiny sizes (a test runs this)
 
 Pieces (medians over --repeats, interleaved so a busy machine slows each alike):
   backbone_fwd_bwd  the backbone on both views (2B images), forward and backward
@@ -40,7 +40,7 @@ def build_parser():
     p.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64 = standard)")
     p.add_argument("--crop_size", type=int, default=32, help="image size")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per piece (medians reported)")
-    p.add_argument("--csv", default="results/benchmarks/nnclr_kmclr.csv", help="output CSV")
+    p.add_argument("--csv", default="results/benchmarks/nnclr_cost.csv", help="output CSV")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for the test suite)")
     return p
 

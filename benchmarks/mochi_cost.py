@@ -3,9 +3,9 @@ query and key encoders, loss, SGD, enqueue) with and without mixing, measured in
 the mixing alone (mochi_negatives plus the extra logits, forward and backward) against the query
 backbone's forward and backward.
 
-    python benchmarks/moco_mochi.py                       # N = 1024, s = 1024, s' = 512, K = 16384, B = 64
-    python benchmarks/moco_mochi.py --width 64 --batch_size 256 --crop_size 32      # a GPU, full width
-    python benchmarks/moco_mochi.py --quick               # tiny sizes (a test runs this)
+    python benchmarks/mochi_cost.py                       # N = 1024, s = 1024, s' = 512, K = 16384, B = 64
+    python benchmarks/mochi_cost.py --width 64 --batch_size 256 --crop_size 32      # a GPU, full width
+    python benchmarks/mochi_cost.py --quick               # tiny sizes (a test runs this)
 
 Prints a table (medians over --repeats, the two training variants interleaved) and writes a CSV.
 Random images: the time does not depend on the data. Timing only: nothing here is a test.
@@ -41,7 +41,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=5, help="training steps per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (medians reported)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="backbone autocast")
-    p.add_argument("--csv", default="results/benchmarks/moco_mochi.csv", help="output CSV")
+    p.add_argument("--csv", default="results/benchmarks/mochi_cost.csv", help="output CSV")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for the test suite)")
     return p
 

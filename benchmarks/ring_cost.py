@@ -1,7 +1,7 @@
 """Cost of the ring selection over plain InfoNCE, per training step (loss forward + backward).
 
-    python benchmarks/ring_nce.py                  # queue 65536 and bank 50000, batch 256, dim 128
-    python benchmarks/ring_nce.py --quick          # tiny sizes (the test suite runs this)
+    python benchmarks/ring_cost.py                  # queue 65536 and bank 50000, batch 256, dim 128
+    python benchmarks/ring_cost.py --quick          # tiny sizes (the test suite runs this)
 
 Rows: MoCo queue (InfoNCE; Ring by topk as ring_nce.py does it; Ring by a full sort as the original
 MoCoRing) and IR bank (uniform draws; Ring-IR by topk; by a full sort), with --num_negatives draws.
@@ -52,7 +52,7 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--lower", type=float, default=0.01, help="ring start (the released 0.1/0.1)")
     p.add_argument("--upper", type=float, default=0.1, help="ring end")
-    p.add_argument("--csv", default="benchmarks/ring_nce.csv", help="output CSV")
+    p.add_argument("--csv", default="results/benchmarks/ring_cost.csv", help="output CSV")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
