@@ -603,7 +603,8 @@ def main(argv=None):
             images, labels = (t.to(device) for t in common.images_as_tensor(train_set))
         except ValueError as err:
             parser.error(f"--gpu_aug: {err}")
-        gpu_augment = common.BatchedAugment(args.crop_size, scale=(args.crop_min, 1.0), blur_p=args.blur_p, normalize=norm).to(device)
+        gpu_augment = common.BatchedAugment(args.crop_size, scale=(args.crop_min, 1.0), blur_p=args.blur_p,
+                                            normalize=norm).to(device)
         train_set = torch.utils.data.TensorDataset(torch.arange(len(images)))
     else:
         train_set = common.TwoViews(train_set, augment)
@@ -612,7 +613,8 @@ def main(argv=None):
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
 
     # ---- model, optimizer, scaler (the key encoder has no gradient, so SGD leaves it alone) ----
-    model = MoCo(args, splits).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    model = MoCo(args, splits).to(
+        device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on GPUs
     optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, **fused)

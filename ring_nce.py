@@ -677,7 +677,8 @@ def main(argv=None):
         if args.method == "cmc":  # the same crop and flip, then Lab
             rgb = common.BatchedAugment(args.crop_size, (0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
                                         normalize=None).to(device)
-            mean, std = torch.tensor(LAB_MEAN, device=device)[:, None, None], torch.tensor(LAB_STD, device=device)[:, None, None]
+            mean = torch.tensor(LAB_MEAN, device=device)[:, None, None]
+            std = torch.tensor(LAB_STD, device=device)[:, None, None]
             gpu_augment = lambda x: (rgb_to_lab(rgb(x)) - mean) / std  # noqa: E731
         else:
             gpu_augment = common.BatchedAugment(args.crop_size, (0.2, 1.0), (0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
