@@ -20,7 +20,9 @@ sorted most similar first, the ring of q is the ranks [floor(lower K), floor(upp
 lower = 0, upper = 1 is InfoNCE over the whole pool. MoCo keeps the whole ring; IR and CMC draw
 --num_negatives ring members per anchor, uniformly with replacement (the original's NCERing; with
 0 1 this is IR's uniform draw from the bank). CMC: an L and an ab encoder (half width each) on
-Lab images, one bank per view, loss = l(L anchors vs ab bank) + l(ab anchors vs L bank). The
+Lab images, one bank per view, loss = l(L anchors vs ab bank) + l(ab anchors vs L bank). A bank
+row becomes normalize(m row + (1 - m) z) after its step: m = 0 for IR (the Ring code), 0.5 for CMC
+(CMC's code; with m = 0 CMC did not learn in the CPU check). The
 official thres_outer / thres_inner (dynamic inner) are upper = thres_outer and lower =
 thres_inner * thres_outer: its released 0.1 / 0.1 is --ring_lower 0.01 --ring_upper 0.1.
 Annealing moves upper from 1.0 to --ring_upper; lower keeps its ratio to upper (dynamic inner).
@@ -81,7 +83,8 @@ def get_parser():
                    help="upper from 1.0 to --ring_upper: linearly, or in 10 equal steps, over --anneal_epochs")
     g.add_argument("--anneal_epochs", type=int, default=100, help="epochs of the annealing (max_anneal_epoch)")
     g.add_argument("--num_negatives", type=int, default=4096, help="IR, CMC: negatives drawn per anchor (replacement)")
-    g.add_argument("--bank_momentum", type=float, default=0.0, help="IR, CMC: row <- normalize(m row + (1-m) z)")
+    g.add_argument("--bank_momentum", type=float, default=None,
+                   help="row <- normalize(m row + (1-m) z); default: IR 0 (the Ring code), CMC 0.5 (CMC's code)")
     g.add_argument("--queue_size", "--k_moco", dest="queue_size", type=int, default=4096,
                    help="MoCo queue K, a multiple of --batch_size (Ring-MoCo's original: 65536)")
     g.add_argument("--moco_momentum", type=float, default=0.999, help="MoCo key-encoder EMA")
@@ -105,6 +108,8 @@ def get_parser():
 
 
 def check_args(parser, a):
+    if a.bank_momentum is None:
+        a.bank_momentum = 0.5 if a.method == "cmc" else 0.0
     finite = all(math.isfinite(v) for v in (a.lr, a.momentum, a.weight_decay, a.temperature, a.ring_lower,
                                             a.ring_upper, a.bank_momentum, a.moco_momentum, a.knn_t, a.blur_p))
     for ok, message in [

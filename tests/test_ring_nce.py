@@ -1,6 +1,7 @@
 """ring_nce.py's pieces: the ring loss against a float64 loop reference (spec ring_nce.md 8), the
 memory-bank and queue updates (also under two gloo processes), the Lab conversion, the CMC export
 and the benchmark's --quick mode."""
+import copy
 import math
 import os
 import runpy
@@ -155,6 +156,27 @@ def test_enqueue_is_fifo_and_wraps():
     queue[:] = 0
     enqueue(queue, ptr, keys[3])
     assert int(ptr) == 2 and queue[2:].abs().sum() == 0
+
+
+def test_moco_keys_come_from_the_updated_key_encoder():
+    """batch_loss moves the key encoder (EMA of the query encoder) first, then computes the keys,
+    as MoCo does; the returned keys are the normalised targets the loss used."""
+    torch.manual_seed(0)
+    args = ring_nce.get_parser().parse_args(["--method", "moco", "--width", "4", "--hidden_dim", "6",
+                                             "--feature_dim", "5", "--queue_size", "8", "--moco_momentum", "0.5"])
+    model = ring_nce.RingModel(args, 10)
+    with torch.no_grad():  # the query encoder has moved away from its copy, as after a few steps
+        for p in model.encoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    expected = copy.deepcopy(model.key_encoder)
+    ring_nce.momentum_update(model.encoder, expected, 0.5)
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    loss, k = ring_nce.batch_loss(model.encoder, model, (x1, x2, None, None), args, 0.0, 1.0, torch.device("cpu"), None)
+    for p, p_expected in zip(model.key_encoder.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, p_expected)
+    torch.testing.assert_close(k, expected(x2))
+    q = model.encoder(x1)
+    torch.testing.assert_close(loss, ring_nce_loss(q, expected(x2), model.queue, args.temperature))
 
 
 def test_lab_conversion_known_colours():

@@ -139,6 +139,17 @@ def test_resume_keeps_settings(image_folder, tmp_path, capsys):
     ring_nce.main(["--resume", str(tmp_path / "copy.pt"), "--epochs", "1"])  # nothing left to do: no error
 
 
+@pytest.mark.parametrize("flags,momentum", [(["--method", "ir"], 0.0), (["--method", "moco"], 0.0),
+                                            (["--method", "cmc"], 0.5), (["--method", "cmc", "--bank_momentum", "0"], 0.0),
+                                            (["--method", "ir", "--bank_momentum", "0.3"], 0.3)])
+def test_bank_momentum_default_per_method(flags, momentum):
+    """IR's bank is overwritten (the Ring code's m = 0); CMC's rows move halfway (CMC's nce_m = 0.5)."""
+    parser = ring_nce.get_parser()
+    args = parser.parse_args(flags)
+    ring_nce.check_args(parser, args)
+    assert args.bank_momentum == momentum
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ring_nce.main(["--help"])
