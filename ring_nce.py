@@ -719,7 +719,12 @@ def main(argv=None):
             if device.type == "cuda" and ckpt["rng"][rank][1].numel():
                 torch.cuda.set_rng_state(ckpt["rng"][rank][1])
         start_epoch = ckpt["epoch"]
-    # DDP wraps the trained encoder only: the banks and the queue stay out of its buffer broadcast
+    # Every process starts from rank 0's weights, key encoder, queue and banks (their random initial
+    # values were drawn with per-rank seeds); then gathered updates keep them identical. DDP wraps
+    # the trained encoder only: the banks and the queue stay out of its buffer broadcast.
+    if n_proc > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
     net = nn.parallel.DistributedDataParallel(model.encoder, device_ids=[device.index] if device.type == "cuda" else None) \
         if n_proc > 1 else model.encoder
     if args.compile:  # the checkpoint saves `model`, never the compiled wrapper, so it loads either way

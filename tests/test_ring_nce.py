@@ -265,6 +265,8 @@ def worker(rank, store, out_dir, data, ports):
         update_pools(model, new, args)
         pools = ("queue", "queue_ptr", "bank", "bank_ab")
         result[args.method] = {n: b.clone() for n, b in model.named_buffers() if n in pools}
+        if args.method == "moco":  # the key encoder too: it is not what DDP synchronises
+            result["key_encoder"] = torch.cat([p.flatten() for p in model.key_encoder.parameters()])
 
     ring_nce.update_pools = recording
     for method, port in zip(("moco", "cmc"), ports):
@@ -321,6 +323,7 @@ def test_script_under_two_processes(ranks, tmp_path_factory):
         assert set(ranks[0][method]) == names
         for name in names:
             assert torch.equal(ranks[0][method][name], ranks[1][method][name]), (method, name)
+    assert torch.equal(ranks[0]["key_encoder"], ranks[1]["key_encoder"])
 
 
 def test_two_process_checkpoints(ranks):
