@@ -149,12 +149,12 @@ def subset(dataset, n):
     return part
 
 
-class TwoViews(Dataset):
-    """(view_1, view_2, label, index) from an (image, label) data set: two independent draws of
+class Views(Dataset):
+    """(view_1, ..., view_n, label, index) from an (image, label) data set: n independent draws of
     `transform`. The index lets memory-bank methods address their bank."""
 
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
+    def __init__(self, dataset, transform, n=2):
+        self.dataset, self.transform, self.n = dataset, transform, n
         self.targets, self.classes = dataset.targets, dataset.classes
 
     def __len__(self):
@@ -162,7 +162,7 @@ class TwoViews(Dataset):
 
     def __getitem__(self, index):
         img, label = self.dataset[index]
-        return self.transform(img), self.transform(img), label, index
+        return (*(self.transform(img) for _ in range(self.n)), label, index)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -196,21 +196,6 @@ def concat_all_gather(x):
 # Data: one view per image (IR, CMC) and the Lab colour space (CMC)
 # ------------------------------------------------------------------------------------------------
 
-class OneView(Dataset):
-    """(view, label, index) from an (image, label) data set; the index addresses the memory bank."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-        self.targets, self.classes = dataset.targets, dataset.classes
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        img, label = self.dataset[index]
-        return self.transform(img), label, index
-
-
 def rgb_to_lab(rgb):
     """CIE L*a*b* (D65 white) of sRGB values in [0, 1], channels at dim -3 (skimage's rgb2lab):
     L in [0, 100], a in [-86.2, 98.2], b in [-107.9, 94.5] over the sRGB gamut."""
@@ -690,7 +675,7 @@ def main(argv=None):
                                                 grayscale_p=0.2, blur_p=args.blur_p, normalize=norm).to(device)
         train_set = torch.utils.data.TensorDataset(torch.arange(len(images)))
     else:
-        train_set = (common.TwoViews if args.method == "moco" else OneView)(train_set, augment)
+        train_set = common.Views(train_set, augment, 2 if args.method == "moco" else 1)
     sampler = DistributedSampler(train_set, n_proc, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)

@@ -513,7 +513,7 @@ def main(argv=None):
         gpu_augment = common.BatchedAugment(args.crop_size, blur_p=args.blur_p, normalize=norm).to(device)
         train_set = torch.utils.data.TensorDataset(torch.arange(len(images)))
     else:
-        train_set = common.TwoViews(train_set, augment)
+        train_set = common.Views(train_set, augment)
     sampler = DistributedSampler(train_set, n_proc, rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)

@@ -75,7 +75,7 @@ def test_subset_is_deterministic_and_spread(image_folder):
 
 def test_two_views(image_folder):
     train = common.build_dataset("folder", image_folder, "train")
-    pair = common.TwoViews(train, common.train_transform(12))
+    pair = common.Views(train, common.train_transform(12))
     torch.manual_seed(0)
     x1, x2, label, index = pair[40]
     assert x1.shape == x2.shape == (3, 12, 12) and label == 2 and index == 40
