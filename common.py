@@ -4,6 +4,7 @@ Everything that decides how a method trains (its model head, loss, distributed l
 checkpoints, kNN monitor) lives in the method's own script, so that one file reads top to bottom.
 """
 import os
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -21,12 +22,15 @@ from torchvision import transforms
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# Mean and std per channel. "cifar10" holds the constants of leftthomas/SimCLR, DCL and HCL (which
-# used them on every data set); "none" leaves pixels in [0, 1] (Nozawa & Sato's code).
+# Mean and std per channel; "none" leaves pixels in [0, 1] (Nozawa & Sato's code).
 NORMALIZATION = {
+    # leftthomas/SimCLR, chingyaoc/DCL and joshr17/HCL utils.py (used on every data set there)
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    # mwritescode/nnclr-cifar100 src/data/cifar_100.py MEAN/STD; solo-learn's "cifar100"
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # the per-channel statistics of the STL-10 train split, as commonly quoted
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    # torchvision's ImageNet models; facebookresearch/moco main_moco.py; the Ring code
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "none": None,
 }
@@ -43,34 +47,39 @@ class ImageList(Dataset):
     """(image, label) pairs read from a list of paths; label -1 where there is none."""
 
     def __init__(self, paths, labels, classes=(), transform=None):
-        self.paths, self.targets, self.classes, self.transform = list(paths), list(labels), list(classes), transform
+        self.paths, self.targets = list(paths), list(labels)
+        self.classes, self.transform = list(classes), transform
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
+        # convert() decodes the whole file here (PIL opens lazily): a truncated or corrupt image
+        # fails in this try, whatever PIL raises for it, and not later in a transform.
         try:
             with Image.open(self.paths[index]) as img:
                 img = img.convert("RGB")
-        except (OSError, ValueError) as err:
+        except Exception as err:  # OSError, SyntaxError, ValueError, DecompressionBombError...
             raise OSError(f"cannot read image {self.paths[index]}: {err}") from None
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
 def _images_in(directory):
     return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+                  if f.lower().endswith(IMAGE_EXTENSIONS)
+                  and os.path.isfile(os.path.join(directory, f)))
 
 
 def _folder(data_dir, split):
-    """`DATA_DIR/<split>/<class>/*` (labelled), or for `train` a flat folder of images (unlabelled)."""
+    """`DATA_DIR/<split>/<class>/*` (labelled), or for `train` a flat folder of images
+    (unlabelled)."""
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
         if split == "test":
             return None
         if not (os.path.isdir(data_dir) and _images_in(data_dir)):
-            raise FileNotFoundError(f"no images in {data_dir}: expected {data_dir}/train/<class>/*.jpg "
-                                    f"(or a folder of images)")
+            raise FileNotFoundError(f"no images in {data_dir}: expected "
+                                    f"{data_dir}/train/<class>/*.jpg (or a folder of images)")
         root = data_dir
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     paths, labels = [], []
@@ -81,14 +90,16 @@ def _folder(data_dir, split):
         paths = _images_in(root)
         labels = [-1] * len(paths)
     if not paths:
-        raise FileNotFoundError(f"no images under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(f"no images under {root} "
+                                f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
     return ImageList(paths, labels, classes)
 
 
 _DOWNLOADS = {
     "cifar10": ("cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python/{train, test, meta}", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "cifar100": ("cifar-100-python/{train, test, meta}",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
     "stl10": ("stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin}",
               "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"),
 }
@@ -110,7 +121,8 @@ def build_dataset(name, data_dir, split="train", transform=None, download=True):
 
     def make(download_now):
         if name == "stl10":
-            ds = torchvision.datasets.STL10(data_dir, split=split, transform=transform, download=download_now)
+            ds = torchvision.datasets.STL10(data_dir, split=split, transform=transform,
+                                            download=download_now)
             ds.targets = [int(y) for y in ds.labels]
             return ds
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -128,8 +140,8 @@ def build_dataset(name, data_dir, split="train", transform=None, download=True):
             return make(True)
         except Exception as err:  # no network, a full disk, a broken archive: all end the same way
             reason = f"the download failed ({type(err).__name__})"
-    raise FileNotFoundError(f"{name} not found in {data_dir} and {reason}; expected {data_dir}/{files}: "
-                            f"download {url} and extract it into {data_dir}")
+    raise FileNotFoundError(f"{name} not found in {data_dir} and {reason}; expected "
+                            f"{data_dir}/{files}: download {url} and extract it into {data_dir}")
 
 
 def num_classes(dataset):
@@ -165,6 +177,47 @@ class Views(Dataset):
         return (*(self.transform(img) for _ in range(self.n)), label, index)
 
 
+def run_data(name, data_dir, split="train", subset_size=0, crop_size=32, recipe=None, views=2,
+             gpu_aug=False, device="cpu", to_input=None):
+    """A training run's data: `train`, to sample batches from, yields (view_1, ..., view_n, label,
+    index) drawn by train_transform(crop_size, **recipe) (PIL workers), or with gpu_aug only the
+    index: the images are decoded once into `images`, `labels` on `device`, and batch_views draws
+    the views there with `augment` = BatchedAugment(crop_size, **recipe); `labels` [N] on `device`
+    (-1: unlabelled) give the class of any training index. `memory` and `test`
+    (eval_transform; None without labels or a test split) serve the kNN monitor; `to_input` maps
+    device images to the network's input (CMC's Lab). Missing or unreadable data raise OSError."""
+    recipe = recipe or {}
+    plain = eval_transform(recipe.get("normalize", NORMALIZATION["cifar10"]),
+                           crop_size if name == "folder" else None)
+    train = subset(build_dataset(name, data_dir, split), subset_size)
+    memory = subset(build_dataset(name, data_dir, "train", plain), subset_size)
+    test = build_dataset(name, data_dir, "test", plain)
+    if test is None or num_classes(memory) == 0:
+        memory = test = None
+    data = SimpleNamespace(memory=memory, test=test, views=views, augment=None,
+                           to_input=to_input or (lambda x: x),
+                           labels=torch.as_tensor(train.targets, dtype=torch.long).to(device))
+    if gpu_aug:
+        data.images = images_as_tensor(train)[0].to(device)
+        data.augment = BatchedAugment(crop_size, **recipe).to(device)
+        data.train = torch.utils.data.TensorDataset(torch.arange(len(train)))
+    else:
+        data.train = Views(train, train_transform(crop_size, **recipe), views)
+    return data
+
+
+def batch_views(batch, data, device):
+    """(views, labels [b] (-1: unlabelled), data set indices [b]) of a loader batch of `run_data`'s
+    `train`, on the device (channels_last on GPUs); with gpu_aug, a draw per image and view."""
+    ids = batch[-1].to(device, non_blocking=True)
+    if data.augment is not None:
+        views = [data.augment(data.images[ids]) for _ in range(data.views)]
+    else:
+        views = [v.to(device, non_blocking=True) for v in batch[:-2]]
+    fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+    return [data.to_input(v).contiguous(memory_format=fmt) for v in views], data.labels[ids], ids
+
+
 # ------------------------------------------------------------------------------------------------
 # Augmentations
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +247,8 @@ def train_transform(crop_size=32, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1)
                     grayscale_p=0.2, blur_p=0.5, normalize=NORMALIZATION["cifar10"]):
     """The SimCLR augmentation: random resized crop, horizontal flip, colour jitter (brightness,
     contrast, saturation, hue) with p = jitter_p, grayscale with p = grayscale_p, Gaussian blur
-    (kernel 10% of the crop, p = blur_p; 0 turns it off), to tensor, normalise (None: [0, 1])."""
+    (kernel 10% of the crop, p = blur_p; 0 turns it off), to tensor, normalise (None: [0, 1]).
+    BatchedAugment(crop_size, **kwargs) takes the same arguments, defaults and meanings."""
     steps = [transforms.RandomResizedCrop(crop_size, scale=scale),
              transforms.RandomHorizontalFlip(p=0.5),
              transforms.RandomApply([transforms.ColorJitter(*jitter)], p=jitter_p),
@@ -263,7 +317,8 @@ class Bottleneck(nn.Module):
 def _shortcut(in_planes, out_planes, stride):
     if stride == 1 and in_planes == out_planes:
         return None
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
+                         nn.BatchNorm2d(out_planes))
 
 
 class ResNet(nn.Module):
@@ -284,7 +339,8 @@ class ResNet(nn.Module):
         for i, blocks in enumerate(layers):
             stage = []
             for j in range(blocks):
-                stage.append(block(in_planes, width * 2 ** i, stride=2 if (i > 0 and j == 0) else 1))
+                stride = 2 if (i > 0 and j == 0) else 1
+                stage.append(block(in_planes, width * 2 ** i, stride=stride))
                 in_planes = width * 2 ** i * block.expansion
             stages.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -307,7 +363,9 @@ ARCHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4,
 def build_backbone(arch="resnet18", stem="cifar", width=64, stem_padding=1):
     """A ResNet without its classifier returning pooled features of size `.out_dim` (8 * width for
     ResNet-18/34, 32 * width for ResNet-50); width 64 is the standard ResNet. stem_padding: of the
-    CIFAR stem's 3x3 conv (Nozawa & Sato used 3; 1 keeps the feature maps at the input size)."""
+    CIFAR stem's 3x3 conv (Nozawa & Sato used 3; 1 keeps the feature maps at the input size).
+    With stem="imagenet" and width 64 its state_dict is torchvision.models' resnet18/34/50's without
+    `fc.*` (same names and shapes, the same pooled features), so weights load either way."""
     if arch not in ARCHS or stem not in ("cifar", "imagenet") or width < 1:
         raise ValueError(f"no backbone {arch!r} with stem {stem!r} and width {width}; "
                          f"arch in {list(ARCHS)}, stem cifar or imagenet, width >= 1")
@@ -330,45 +388,66 @@ def images_as_tensor(dataset, size=None):
     data = getattr(base, "data", None)
     if isinstance(data, np.ndarray) and data.ndim == 4 and data.dtype == np.uint8:
         data = data if indices is None else data[indices]
-        images = torch.from_numpy(data if data.shape[-1] != 3 else data.transpose(0, 3, 1, 2)).contiguous()
-        targets = getattr(base, "targets", getattr(base, "labels", None))
-        labels = torch.as_tensor(np.asarray(targets)[indices] if indices is not None else np.asarray(targets))
+        nchw = data if data.shape[-1] != 3 else data.transpose(0, 3, 1, 2)
+        images = torch.from_numpy(nchw).contiguous()
+        targets = np.asarray(getattr(base, "targets", getattr(base, "labels", None)))
+        labels = torch.as_tensor(targets[indices] if indices is not None else targets)
         if size is None or images.shape[-2:] == (size, size):
             return images, labels.long()
-        dataset = [(Image.fromarray(a.transpose(1, 2, 0)), y) for a, y in zip(images.numpy(), labels.tolist())]
-    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)]) if size else None
+        dataset = [(Image.fromarray(a.transpose(1, 2, 0)), y)
+                   for a, y in zip(images.numpy(), labels.tolist())]
+    resize = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)]) if size \
+        else None
     arrays, labels = [], []
     for index in range(len(dataset)):
-        img, label = dataset[index]
+        img, label = dataset[index]  # an ImageList raises its "cannot read image PATH" OSError
         if not isinstance(img, Image.Image):
-            raise TypeError(f"images_as_tensor needs PIL images (a data set without transform), got {type(img)}")
-        arrays.append(np.asarray((resize(img) if resize else img).convert("RGB")))
+            raise TypeError(f"images_as_tensor needs PIL images (a data set without transform), "
+                            f"got {type(img)}")
+        try:  # a lazily opened image of another data set decodes here
+            arrays.append(np.asarray((resize(img) if resize else img).convert("RGB")))
+        except Exception as err:
+            raise OSError(f"cannot read image {_source(dataset, index)}: {err}") from None
         labels.append(int(label))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images of {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): "
                          f"pass size= to resize and centre-crop them")
-    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)).contiguous(), torch.tensor(labels)
+    images = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)).contiguous()
+    return images, torch.tensor(labels)
+
+
+def _source(dataset, index):
+    """The file behind item `index` (ImageList's paths, ImageFolder's samples), else `item N`."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    if hasattr(dataset, "paths"):
+        return dataset.paths[index]
+    samples = getattr(dataset, "samples", None)
+    return samples[index][0] if samples is not None else f"item {index}"
 
 
 class BatchedAugment(nn.Module):
     """train_transform on a uint8 batch [B, 3, H, W] (any device) -> float32 [B, 3, crop, crop].
 
-    Same steps and parameter laws as train_transform, every parameter drawn per image (torchvision
-    transforms on a batched tensor share one draw per batch). Pixels: torchvision's float-tensor
-    formulas (no uint8 rounding between steps, unlike the PIL path); bilinear resampling without
-    antialiasing (as resized_crop(antialias=False): differs from PIL only when a crop is shrunk);
-    blur with torch's "reflect" border = OpenCV's default BORDER_REFLECT_101."""
+    train_transform's arguments (same names, defaults and meanings), steps and parameter laws,
+    every parameter drawn per image (torchvision transforms on a batched tensor share one draw per
+    batch). Pixels: torchvision's float-tensor formulas (no uint8 rounding between steps, unlike
+    the PIL path); bilinear resampling without antialiasing (as resized_crop(antialias=False):
+    differs from PIL only when a crop is shrunk); blur with torch's "reflect" border = OpenCV's
+    default BORDER_REFLECT_101."""
 
     def __init__(self, crop_size=32, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
                  grayscale_p=0.2, blur_p=0.5, normalize=NORMALIZATION["cifar10"]):
         super().__init__()
         self.crop_size, self.scale, self.jitter_p = crop_size, scale, jitter_p
         self.grayscale_p, self.blur_p = grayscale_p, blur_p
-        b, c, s, h = jitter  # ColorJitter's ranges: factor ~ U(max(0, 1 - x), 1 + x), hue ~ U(-h, h)
-        if min(jitter) < 0 or h > 0.5:
-            raise ValueError(f"jitter {jitter}: brightness, contrast, saturation >= 0 and 0 <= hue <= 0.5")
-        self.jitter_range = [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
+        # ColorJitter parses and checks `jitter` as the PIL path does: factor ~ U(max(0, 1 - x),
+        # 1 + x), hue ~ U(-h, h) with h <= 0.5, or explicit (min, max) pairs; 0 is no jitter.
+        cj = transforms.ColorJitter(*jitter)
+        ranges, neutral = (cj.brightness, cj.contrast, cj.saturation, cj.hue), (1.0, 1.0, 1.0, 0.0)
+        self.jitter_range = [tuple(map(float, r)) if r is not None else (n, n)
+                             for r, n in zip(ranges, neutral)]
         self.kernel_size = blur_kernel_size(crop_size)
         mean, std = normalize if normalize is not None else ((0.0,) * 3, (1.0,) * 3)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -378,10 +457,11 @@ class BatchedAugment(nn.Module):
         """All random parameters of n views of height x width images, one draw per image."""
         def rand(*shape):
             return torch.rand(shape, generator=generator, device=device)
-        # RandomResizedCrop: 10 candidate boxes per image at once; the first that fits wins, else the
-        # central box clamped to the ratio range (torchvision's fallback).
+        # RandomResizedCrop: 10 candidate boxes per image at once; the first that fits wins, else
+        # the central box clamped to the ratio range (torchvision's fallback).
         area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * rand(n, 10))
-        ratio = torch.exp(float(np.log(3 / 4)) + float(np.log(16 / 9)) * rand(n, 10))  # log-uniform in [3/4, 4/3]
+        # log-uniform in [3/4, 4/3]
+        ratio = torch.exp(float(np.log(3 / 4)) + float(np.log(16 / 9)) * rand(n, 10))
         w, h = torch.sqrt(area * ratio).round().long(), torch.sqrt(area / ratio).round().long()
         fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
         first = fits.int().argmax(1, keepdim=True)  # index of the first True (0 when none)
@@ -389,18 +469,23 @@ class BatchedAugment(nn.Module):
         fw, fh = min(width, round(height * r)), min(height, round(width / r))
         w = torch.where(fits.any(1), w.gather(1, first)[:, 0], fw)
         h = torch.where(fits.any(1), h.gather(1, first)[:, 0], fh)
-        top = torch.where(fits.any(1), (rand(n) * (height - h + 1)).long().clamp(max=height - h), (height - h) // 2)
-        left = torch.where(fits.any(1), (rand(n) * (width - w + 1)).long().clamp(max=width - w), (width - w) // 2)
+        top = torch.where(fits.any(1), (rand(n) * (height - h + 1)).long().clamp(max=height - h),
+                          (height - h) // 2)
+        left = torch.where(fits.any(1), (rand(n) * (width - w + 1)).long().clamp(max=width - w),
+                           (width - w) // 2)
         lo, hi = torch.tensor(self.jitter_range, device=device).T
         return {"box": torch.stack([top, left, h, w], 1), "flip": rand(n) < 0.5,
                 "jitter": rand(n) < self.jitter_p, "factors": lo + (hi - lo) * rand(n, 4),
-                "order": rand(n, 4).argsort(1),  # a uniform random permutation of the 4 jitter ops per image
-                "gray": rand(n) < self.grayscale_p, "blur": rand(n) < self.blur_p, "sigma": 0.1 + 1.9 * rand(n)}
+                "order": rand(n, 4).argsort(1),  # a uniform random permutation of the 4 jitter ops
+                "gray": rand(n) < self.grayscale_p, "blur": rand(n) < self.blur_p,
+                "sigma": 0.1 + 1.9 * rand(n)}  # RandomGaussianBlur's U[0.1, 2]
 
     def forward(self, images, generator=None):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(f"BatchedAugment takes uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        return self.augment(images, self.sample_params(len(images), *images.shape[-2:], generator, images.device))
+            raise TypeError(f"BatchedAugment takes uint8 images [B, 3, H, W], "
+                            f"got {images.dtype} {tuple(images.shape)}")
+        p = self.sample_params(len(images), *images.shape[-2:], generator, images.device)
+        return self.augment(images, p)
 
     def augment(self, images, p):
         """The deterministic part: images uint8 [B, 3, H, W], p from sample_params."""
@@ -408,7 +493,8 @@ class BatchedAugment(nn.Module):
         x = resized_crop(images.float() / 255, p["box"], p["flip"], size)
         for step in range(4):  # step k applies, to each jittered image, the op its order names at k
             for op, neutral in enumerate((1.0, 1.0, 1.0, 0.0)):
-                chosen = p["jitter"] & (p["order"][:, step] == op) & (p["factors"][:, op] != neutral)
+                chosen = p["jitter"] & (p["order"][:, step] == op)
+                chosen &= p["factors"][:, op] != neutral
                 if chosen.any():
                     x[chosen] = COLOR_OPS[op](x[chosen], p["factors"][chosen, op].view(-1, 1, 1, 1))
         x = torch.lerp(x, grayscale(x), p["gray"].float().view(B, 1, 1, 1))  # weight 0 or 1: exact
@@ -419,7 +505,8 @@ class BatchedAugment(nn.Module):
 
 def resized_crop(x, box, flip, size):
     """Per-image crop box (top, left, h, w) resized bilinearly to size x size, mirrored where flip:
-    one grid_sample. Source coordinates are clamped to the box, as F.interpolate on the crop does."""
+    one grid_sample. Source coordinates are clamped to the box, as F.interpolate on the crop
+    does."""
     (B, _, H, W), t = x.shape, (torch.arange(size, device=x.device) + 0.5) / size
     top, left, h, w = box.T.unsqueeze(2).float()
     xs = torch.minimum(torch.maximum(left + t * w - 0.5, left), left + w - 1)
@@ -427,7 +514,8 @@ def resized_crop(x, box, flip, size):
     xs = torch.where(flip.view(B, 1), xs.flip(1), xs)
     grid = torch.stack([((2 * xs + 1) / W - 1).view(B, 1, size).expand(B, size, size),
                         ((2 * ys + 1) / H - 1).view(B, size, 1).expand(B, size, size)], -1)
-    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                     align_corners=False)
 
 
 def grayscale(x):
@@ -442,15 +530,19 @@ def adjust_hue(x, hue):
     (valid for |hue| <= 0.5; floor, remainder and argmax are several times slower on CPU)."""
     maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     chroma, (r, g, b) = maxc - minc, x.split(1, 1)
-    # 6 x hue in [-1, 5]: (g - b) / chroma if R is the max, 2 + (b - r) / chroma if G, else 4 + (r - g) / chroma
-    h6 = torch.where(r == maxc, g - b, torch.where(g == maxc, b - r + 2 * chroma, r - g + 4 * chroma))
+    # 6 x hue in [-1, 5]: (g - b) / chroma if R is the max, 2 + (b - r) / chroma if G, else
+    # 4 + (r - g) / chroma
+    h6 = torch.where(r == maxc, g - b,
+                     torch.where(g == maxc, b - r + 2 * chroma, r - g + 4 * chroma))
     h6 = h6 / chroma.clamp(min=1e-12) + 6 * hue  # grey pixels: any hue, multiplied by chroma 0
-    d = (h6 + torch.tensor([0.0, -2.0, -4.0], device=x.device).view(1, 3, 1, 1)).abs_().sub_(6).abs_().sub_(3).abs_()
+    offsets = torch.tensor([0.0, -2.0, -4.0], device=x.device).view(1, 3, 1, 1)
+    d = (h6 + offsets).abs_().sub_(6).abs_().sub_(3).abs_()
     return torch.addcmul(minc, chroma, d.sub_(1).clamp_(0, 1))
 
 
-# torchvision's float formulas: blend with black / the mean grey level / the grey image (lerp(a, x, f)
-# = f x + (1 - f) a), then clamp to [0, 1]; the mean grey level is the luma of the channel means.
+# torchvision's float formulas: blend with black / the mean grey level / the grey image
+# (lerp(a, x, f) = f x + (1 - f) a), then clamp to [0, 1]; the mean grey level is the luma of the
+# channel means.
 COLOR_OPS = (lambda x, f: (f * x).clamp_(0, 1),
              lambda x, f: torch.lerp(grayscale(x.mean((2, 3), keepdim=True)), x, f).clamp_(0, 1),
              lambda x, f: torch.lerp(grayscale(x), x, f).clamp_(0, 1),
@@ -460,13 +552,14 @@ COLOR_OPS = (lambda x, f: (f * x).clamp_(0, 1),
 def gaussian_blur(x, sigma, k, mask):
     """Separable per-image Gaussian blur (k taps, weights exp(-d^2 / 2 sigma^2) normalised, as
     OpenCV's for sigma > 0) where mask, the identity kernel elsewhere; torch's "reflect" padding is
-    OpenCV's default border (BORDER_REFLECT_101). One multiply-add per tap over the batch: as fast as
-    a batched matmul on CPU, and exact on GPUs (TF32 matmuls and convolutions would round)."""
+    OpenCV's default border (BORDER_REFLECT_101). One multiply-add per tap over the batch: as fast
+    as a batched matmul on CPU, and exact on GPUs (TF32 matmuls and convolutions would round)."""
     B, d = len(x), torch.arange(k, device=x.device) - k // 2
     weights = torch.softmax(-d.float() ** 2 / (2 * sigma.view(-1, 1) ** 2), 1)  # [B, k]
     weights = torch.where(mask.view(-1, 1), weights, (d == 0).float()).T.reshape(k, B, 1, 1, 1)
     for dim in (3, 2):
-        padded = nn.functional.pad(x, (k // 2, k // 2, 0, 0) if dim == 3 else (0, 0, k // 2, k // 2), mode="reflect")
+        pad = (k // 2, k // 2, 0, 0) if dim == 3 else (0, 0, k // 2, k // 2)
+        padded = nn.functional.pad(x, pad, mode="reflect")
         out = weights[0] * padded.narrow(dim, 0, x.shape[dim])
         for t in range(1, k):
             out.addcmul_(weights[t], padded.narrow(dim, t, x.shape[dim]))
@@ -474,12 +567,15 @@ def gaussian_blur(x, sigma, k, mask):
     return x
 
 
-if __name__ == "__main__":  # python common.py --show_aug views.png: the two augmentation paths side by side
+if __name__ == "__main__":  # python common.py --show_aug views.png: both augmentation paths
     import argparse
-    parser = argparse.ArgumentParser(description="Write a PNG grid: row 0 the original images, then --rows rows of "
-                                     "BatchedAugment views, then --rows rows of train_transform (PIL) views.")
-    parser.add_argument("--show_aug", metavar="OUT.png", required=True, help="where to write the grid")
-    parser.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set (train split)")
+    parser = argparse.ArgumentParser(description="Write a PNG grid: row 0 the original images, "
+                                     "then --rows rows of BatchedAugment views, then --rows rows "
+                                     "of train_transform (PIL) views.")
+    parser.add_argument("--show_aug", metavar="OUT.png", required=True,
+                        help="where to write the grid")
+    parser.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                        help="data set (train split)")
     parser.add_argument("--data_dir", default="data", help="data root (nothing is downloaded)")
     parser.add_argument("--crop_size", type=int, default=32, help="random-resized-crop size")
     parser.add_argument("--image_size", type=int, default=None,
@@ -491,12 +587,14 @@ if __name__ == "__main__":  # python common.py --show_aug views.png: the two aug
     if min(args.crop_size, args.n, args.rows) < 1:
         parser.error("--crop_size, --n and --rows must be >= 1")
     try:
-        dataset = subset(build_dataset(args.dataset, args.data_dir, "train", download=False), args.n)
+        dataset = build_dataset(args.dataset, args.data_dir, "train", download=False)
+        dataset = subset(dataset, args.n)
         images, _ = images_as_tensor(dataset, args.image_size)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     torch.manual_seed(args.seed)
-    batched, pil = BatchedAugment(args.crop_size, normalize=None), train_transform(args.crop_size, normalize=None)
+    batched = BatchedAugment(args.crop_size, normalize=None)
+    pil = train_transform(args.crop_size, normalize=None)
     originals = [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).numpy()]
     views = [batched(images) for _ in range(args.rows)]
     views += [torch.stack([pil(img) for img in originals]) for _ in range(args.rows)]
@@ -508,7 +606,8 @@ if __name__ == "__main__":  # python common.py --show_aug views.png: the two aug
     grid = Image.new("RGB", (len(originals) * step, len(rows) * step), "white")
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            grid.paste(img.resize((img.width * zoom, img.height * zoom), Image.NEAREST), (c * step, r * step))
+            zoomed = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
+            grid.paste(zoomed, (c * step, r * step))
     grid.save(args.show_aug)
     print(f"{args.show_aug}: row 1 originals, rows 2-{args.rows + 1} BatchedAugment, "
           f"rows {args.rows + 2}-{2 * args.rows + 1} PIL")
