@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 
 # ------------------------------------------------------------------------------------------------
@@ -177,32 +177,37 @@ class Views(Dataset):
         return (*(self.transform(img) for _ in range(self.n)), label, index)
 
 
-def run_data(name, data_dir, split="train", subset_size=0, crop_size=32, recipe=None, views=2,
-             gpu_aug=False, device="cpu", to_input=None):
-    """A training run's data: `train`, to sample batches from, yields (view_1, ..., view_n, label,
-    index) drawn by train_transform(crop_size, **recipe) (PIL workers), or with gpu_aug only the
-    index: the images are decoded once into `images`, `labels` on `device`, and batch_views draws
-    the views there with `augment` = BatchedAugment(crop_size, **recipe); `labels` [N] on `device`
-    (-1: unlabelled) give the class of any training index. `memory` and `test`
-    (eval_transform; None without labels or a test split) serve the kNN monitor; `to_input` maps
-    device images to the network's input (CMC's Lab). Missing or unreadable data raise OSError."""
-    recipe = recipe or {}
-    plain = eval_transform(recipe.get("normalize", NORMALIZATION["cifar10"]),
-                           crop_size if name == "folder" else None)
-    train = subset(build_dataset(name, data_dir, split), subset_size)
-    memory = subset(build_dataset(name, data_dir, "train", plain), subset_size)
-    test = build_dataset(name, data_dir, "test", plain)
+def run_data(args, recipe, device="cpu", views=2, split="train", to_input=None, rank=0, world=1):
+    """A training run's data, from the shared flags (args.dataset, data_dir, subset, crop_size,
+    gpu_aug, batch_size, workers, seed): `loader` of this process's share of each global batch
+    (a DistributedSampler, `sampler`), drawing `views` views per image with train_transform(
+    crop_size, **recipe) in PIL workers, or with gpu_aug only indices: the images, decoded once
+    onto `device` (`images`), are augmented there by batch_views with `augment` =
+    BatchedAugment(crop_size, **recipe). `labels` [N] on `device` hold every training image's
+    class (-1: none). `memory` and `test` (eval_transform; None without labels or a test split)
+    serve the kNN monitor; `to_input` maps device images to the network's input (CMC's Lab).
+    Missing or unreadable data raise OSError, other unusable data ValueError."""
+    plain = eval_transform(recipe["normalize"], args.crop_size if args.dataset == "folder" else None)
+    train = subset(build_dataset(args.dataset, args.data_dir, split), args.subset)
+    memory = subset(build_dataset(args.dataset, args.data_dir, "train", plain), args.subset)
+    test = build_dataset(args.dataset, args.data_dir, "test", plain)
     if test is None or num_classes(memory) == 0:
         memory = test = None
+    if len(train) < args.batch_size:
+        raise ValueError(f"{len(train)} training images, fewer than --batch_size {args.batch_size}")
     data = SimpleNamespace(memory=memory, test=test, views=views, augment=None,
                            to_input=to_input or (lambda x: x),
                            labels=torch.as_tensor(train.targets, dtype=torch.long).to(device))
-    if gpu_aug:
+    if args.gpu_aug:
         data.images = images_as_tensor(train)[0].to(device)
-        data.augment = BatchedAugment(crop_size, **recipe).to(device)
+        data.augment = BatchedAugment(args.crop_size, **recipe).to(device)
         data.train = torch.utils.data.TensorDataset(torch.arange(len(train)))
     else:
-        data.train = Views(train, train_transform(crop_size, **recipe), views)
+        data.train = Views(train, train_transform(args.crop_size, **recipe), views)
+    data.sampler = DistributedSampler(data.train, world, rank, seed=args.seed, drop_last=True)
+    # workers restart each epoch, seeded from the main process's RNG: a resumed run draws the same
+    data.loader = DataLoader(data.train, args.batch_size // world, sampler=data.sampler,
+                             drop_last=True, num_workers=args.workers, pin_memory=torch.device(device).type == "cuda")
     return data
 
 

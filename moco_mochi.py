@@ -1,159 +1,432 @@
-"""MoCo v2 with optional MoCHi hard negative mixing, in one file.
+"""MoCo v2 and MoCHi hard negative mixing, in one file.
 
-    python moco_mochi.py                                              # MoCo v2, CIFAR-10 (official CIFAR demo's settings)
-    python moco_mochi.py --n_hard 1024 --s1_hard 1024 --s2_hard 256   # MoCHi (1024, 1024, 256)
-    torchrun --standalone --nproc_per_node 4 moco_mochi.py --n_hard 1024
-    torchrun --nproc_per_node 8 moco_mochi.py --dataset folder --data_dir IMAGENET --arch resnet50 --stem imagenet \
-        --crop_size 224 --crop_min 0.2 --blur_p 0.5 --k_moco 65536 --m_moco 0.999 --t_moco 0.2 \
-        --weight_decay 1e-4 --batch_size 256 --lr 0.03 --epochs 200                  # the ImageNet MoCo v2 recipe
-    python moco_mochi.py --dataset folder --data_dir DATA --width 8 --batch_size 128 --epochs 3    # CPU
+    python moco_mochi.py             # the official CIFAR-10 demo (--symmetric: its symmetric loss)
+    python moco_mochi.py --n_hard 1024 --s1_hard 1024 --s2_hard 256     # MoCHi (1024, 1024, 256)
+    torchrun --standalone --nproc_per_node 4 moco_mochi.py --n_hard 1024       # 4 GPUs, shuffle BN
+    python moco_mochi.py --mlp --temperature 0.2 --crop_min 0.2 --blur_p 0.5   # MoCo v2's changes
 
-Papers: He et al., "Momentum Contrast for Unsupervised Visual Representation Learning" (CVPR 2020);
-Chen et al., "Improved Baselines with Momentum Contrastive Learning" (arXiv 2003.04297, MoCo v2);
-Kalantidis et al., "Hard Negative Mixing for Contrastive Learning" (NeurIPS 2020, MoCHi).
-
-A query q = f_q(x1) and its key k = f_k(x2) (f_k an exponential moving average of f_q, updated
-before the keys are computed: theta_k <- m theta_k + (1 - m) theta_q) are unit vectors; a queue
-holds the last K keys n_1..n_K of all processes. With temperature T:
+He et al. (CVPR 2020) and Chen et al. (2020), MoCo and MoCo v2, code facebookresearch/moco;
+Kalantidis et al., "Hard Negative Mixing for Contrastive Learning" (NeurIPS 2020; no official
+code: the port davidsvy/hard-negative-mixing). Queries q = f_q(x1) and keys k = f_k(x2) are unit
+vectors, f_k <- m f_k + (1 - m) f_q before the keys, the queue holds the last K keys n_j of every
+process. With temperature T, and for MoCHi n_i, n_j, n_m drawn from q's N hardest keys (top q.n):
 
     MoCo     loss = -log exp(q.k / T) / (exp(q.k / T) + sum_j exp(q.n_j / T))
-    MoCHi    for each query, among its N hardest queue keys (largest q.n):
-             type 1: s  points h  = normalize(a n_i + (1 - a) n_j),  a ~ U(0, 1), i != j
-             type 2: s' points h' = normalize(b q + (1 - b) n_j),    b ~ U(0, 0.5)
-             q.h / T and q.h' / T join that query's negatives; h, h' are detached, never enqueued.
+    type 1   s  more negatives normalize(a n_i + (1 - a) n_j), a ~ U(0, 1)     of q alone,
+    type 2   s' more negatives normalize(b q + (1 - b) n_m),   b ~ U(0, 0.5)   detached, not queued
 
-Shuffle BN: under torchrun the key batch is permuted across processes (permutation broadcast from
-rank 0) before f_k and restored after. In one process split BN (--bn_splits, the CIFAR demo's
-SplitBatchNorm) computes BatchNorm statistics over groups of the batch, after a permutation.
+Shuffle BN: under torchrun the key images are shuffled across processes; one process runs
+BatchNorm in --bn_splits groups (the demo's SplitBatchNorm) of a shuffled key batch.
 """
 import argparse
 import copy
 import csv
+import datetime
 import json
 import math
 import os
+import re
+import sys
 import time
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import common
 
-SCRIPT = "moco_mochi.py"
-MAY_CHANGE_ON_RESUME = {"epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision", "gpu_aug",
-                        "compile"}
-
 
 def get_parser():
-    p = argparse.ArgumentParser(prog=SCRIPT, description="MoCo v2 with MoCHi hard negative mixing.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=common.DATASETS, help="folder: DATA_DIR/train/<class>/*")
-    g.add_argument("--data_dir", default="data", help="data root; torchvision data sets are downloaded here")
-    g.add_argument("--subset", type=int, default=0, help="train on N evenly spaced images (0: all)")
-    g.add_argument("--crop_size", type=int, default=32, help="random-resized-crop size")
-    g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop scale (0.2 in the ImageNet recipe)")
-    g.add_argument("--blur_p", type=float, default=0.0, help="Gaussian blur probability (0.5 in the ImageNet recipe)")
-    g.add_argument("--norm", default="auto", choices=["auto", *common.NORMALIZATION], help="input normalisation")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
-    g.add_argument("--gpu_aug", action="store_true", help="decode the images once, augment whole batches on the device")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=list(common.ARCHS), help="backbone")
-    g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 stride-1 conv, no max-pool")
-    g.add_argument("--width", type=int, default=64, help="base channels of the ResNet (64 = standard)")
-    g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's conv")
-    g.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True,
-                   help="MoCo v2 head d -> d -> ReLU -> dim (--no-mlp: one Linear, as MoCo v1 and the CIFAR demo)")
-    g.add_argument("--bn_splits", type=int, default=0,
-                   help="split BN groups per process (0: 8 in one process, 1 under torchrun, where shuffle BN runs)")
-    g = p.add_argument_group("MoCo")
-    g.add_argument("--queue_size", "--k_moco", dest="queue_size", type=int, default=4096, help="queue length K")
-    g.add_argument("--ema", "--m_moco", dest="ema", type=float, default=0.99, help="key encoder momentum m")
-    g.add_argument("--temperature", "--t_moco", dest="temperature", type=float, default=0.1, help="temperature T")
-    g.add_argument("--feature_dim", "--dim_moco", dest="feature_dim", type=int, default=128, help="key/query dimension")
-    g.add_argument("--symmetric", action="store_true", help="add the loss with the views swapped (2 B keys per step)")
-    g = p.add_argument_group("MoCHi")
-    g.add_argument("--n_hard", type=int, default=0, help="N hardest queue keys per query (0: plain MoCo)")
-    g.add_argument("--s1_hard", type=int, default=1024, help="s: type-1 points (two hard keys mixed) per query")
-    g.add_argument("--s2_hard", type=int, default=256, help="s': type-2 points (query and hard key) per query")
-    g.add_argument("--start1_hard", type=int, default=10, help="first epoch (0-based) with type-1 points")
-    g.add_argument("--start2_hard", type=int, default=10, help="first epoch (0-based) with type-2 points")
-    g.add_argument("--mask_own", action=argparse.BooleanOptionalAction, default=True,
-                   help="ignore queue keys of the query's own image (loss and hard set)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=200, help="total epochs (0: evaluate the untrained model)")
-    g.add_argument("--batch_size", type=int, default=512, help="GLOBAL batch of images over all processes")
-    g.add_argument("--lr", type=float, default=0.03, help="SGD lr for a batch of 256, scaled by batch_size / 256")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
-    g = p.add_argument_group("system and logging")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="backbone autocast")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints load either way)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
-    g.add_argument("--out_dir", default="results/moco_mochi", help="args.json, metrics.csv, last.pt")
-    g.add_argument("--resume", default="", help="continue from this last.pt up to --epochs")
-    g.add_argument("--knn_k", type=int, default=200, help="kNN monitor: neighbours")
-    g.add_argument("--knn_t", type=float, default=0.1, help="kNN monitor: temperature")
-    g.add_argument("--eval_every", type=int, default=1, help="kNN every N epochs (0: never)")
+    p = Parser(prog="moco_mochi.py", description="MoCo v2 and MoCHi hard negative mixing.")
+    shared_flags(p, batch_size=512, lr=0.06)  # the CIFAR demo's, as the shared defaults
+    g = p.add_argument_group("MoCo (the original names are aliases)")
+    g.add_argument("--crop_min", type=float, default=0.08, help="smallest crop scale")
+    g.add_argument("--mlp", action="store_true", help="v2's head d -> d -> ReLU -> feature_dim")
+    g.add_argument("--bn_splits", type=int, default=0, help="split-BN groups (0: 8, torchrun 1)")
+    g.add_argument("--queue_size", type=int, default=4096, help="queue length K")
+    g.add_argument("--ema", type=float, default=0.99, help="key encoder momentum m")
+    g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature T")
+    g.add_argument("--feature_dim", type=int, default=128, help="query and key dimension")
+    for alias, dest, kind in (("k", "queue_size", int), ("m", "ema", float),
+                              ("t", "temperature", float), ("dim", "feature_dim", int)):
+        g.add_argument(f"--{alias}_moco", dest=dest, type=kind, default=argparse.SUPPRESS,
+                       help=f"= --{dest}")
+    g.add_argument("--symmetric", action="store_true", help="add the loss with the views swapped")
+    g.add_argument("--mask_own", action="store_true", help="no negatives from the query's image")
+    g = p.add_argument_group("MoCHi (davidsvy's names; --n_hard 0: MoCo)")
+    g.add_argument("--n_hard", type=int, default=0, help="N: hardest queue keys per query")
+    g.add_argument("--s1_hard", type=int, default=1024, help="s: type-1 points per query")
+    g.add_argument("--s2_hard", type=int, default=256, help="s': type-2 points per query")
+    g.add_argument("--start1_hard", type=int, default=10, help="first epoch (from 0) of type 1")
+    g.add_argument("--start2_hard", type=int, default=10, help="first epoch (from 0) of type 2")
     return p
 
 
-def check_args(parser, a):
-    finite = all(math.isfinite(v) for v in (a.lr, a.weight_decay, a.temperature, a.ema, a.momentum, a.knn_t))
-    for ok, message in [
-            (finite, "--lr, --weight_decay, --temperature, --ema, --momentum and --knn_t must be finite"),
-            (a.lr > 0 and a.weight_decay >= 0 and a.temperature > 0, "--lr, --temperature must be > 0, --weight_decay >= 0"),
-            (0 <= a.ema < 1 and a.momentum >= 0, f"--ema (--m_moco) must be in [0, 1), --momentum >= 0"),
-            (a.batch_size >= 2 and a.width >= 1 and a.crop_size >= 1, "--batch_size >= 2, --width and --crop_size >= 1"),
-            (0 < a.crop_min <= 1 and 0 <= a.blur_p <= 1, "--crop_min in (0, 1], --blur_p in [0, 1]"),
-            (a.queue_size >= 1 and a.feature_dim >= 1 and a.bn_splits >= 0, "--queue_size, --feature_dim >= 1, --bn_splits >= 0"),
-            (min(a.epochs, a.subset, a.workers, a.eval_every) >= 0, "--epochs, --subset, --workers, --eval_every >= 0"),
-            (a.knn_k >= 1 and a.knn_t > 0, "--knn_k >= 1, --knn_t > 0"),
-            (min(a.n_hard, a.start1_hard, a.start2_hard) >= 0, "--n_hard, --start1_hard, --start2_hard must be >= 0"),
-            (a.s1_hard >= 0 and a.s2_hard >= 0, f"--s1_hard and --s2_hard must be >= 0, got {a.s1_hard}, {a.s2_hard}"),
-            (a.n_hard <= a.queue_size, f"--n_hard {a.n_hard} is larger than the queue (--queue_size {a.queue_size})"),
-            (a.n_hard != 1 or a.s1_hard == 0, "--n_hard must be >= 2 for type-1 points (pairs of distinct keys)")]:
+def rules(a):
+    """The method's flag checks for setup: (condition, message) pairs."""
+    n_proc, keys = int(os.environ.get("WORLD_SIZE", 1)), a.batch_size * (1 + a.symmetric)
+    splits = a.bn_splits or (8 if n_proc == 1 else 1)
+    return [(0 < a.crop_min <= 1 and 0 <= a.ema <= 1, "need 0 < --crop_min <= 1, 0 <= --ema <= 1"),
+            (a.queue_size % keys == 0, f"--queue_size must be a multiple of the {keys} keys/step"),
+            (a.n_hard <= a.queue_size, "--n_hard must be at most --queue_size"),
+            (a.batch_size // n_proc % splits == 0, f"--bn_splits {splits} must divide the "
+             f"{a.batch_size // n_proc} images of each process")]
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """The CIFAR demo's SplitBatchNorm: in training, images n, n + G, n + 2G, ... (G = splits) are
+    normalised together, as on G GPUs; the running statistics are the groups' mean."""
+
+    def forward(self, x):
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        g, (n, c, h, w) = self.splits, x.shape
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)            # [G C]
+        y = F.batch_norm(x.reshape(n // g, c * g, h, w), mean, var, self.weight.repeat(g),
+                         self.bias.repeat(g), True, self.momentum, self.eps)
+        self.running_mean.copy_(mean.view(g, c).mean(0))
+        self.running_var.copy_(var.view(g, c).mean(0))
+        return y.view(n, c, h, w)
+
+
+class MoCo(nn.Module):
+    """builder.py's MoCo: the query encoder (common.py's ResNet, the head), its momentum copy, and
+    buffers: the queue [K, D] of unit keys, each key's image id (-1: the random initial keys) and
+    the next row to write."""
+
+    def __init__(self, args, bn_splits=1):
+        super().__init__()
+        backbone = common.build_backbone(args.arch, args.stem, args.width, args.stem_padding)
+        for m in backbone.modules():  # the demo's split BN, weights kept (bn_splits 1: plain BN)
+            if type(m) is nn.BatchNorm2d:
+                m.__class__, m.splits = SplitBatchNorm, bn_splits
+        d = backbone.out_dim
+        mlp = [nn.Linear(d, d), nn.ReLU()] if args.mlp else []  # v2's head; the demo: fc alone
+        head = nn.Sequential(*mlp, nn.Linear(d, args.feature_dim))
+        self.encoder_q = nn.Sequential(OrderedDict(backbone=backbone, head=head))
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        queue = F.normalize(torch.randn(args.queue_size, args.feature_dim), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ids", torch.full((args.queue_size,), -1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, *views):
+        return [self.encoder_q(x) for x in views]  # queries [b, D]: a forward pass per view
+
+    @torch.no_grad()
+    def enqueue(self, keys, ids):
+        """builder.py's _dequeue_and_enqueue: keys [B, D], image ids [B] replace the oldest."""
+        rows = self.queue_ptr + torch.arange(len(keys), device=keys.device)            # [B]
+        self.queue[rows], self.queue_ids[rows] = keys, ids
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
+
+
+@torch.no_grad()
+def shuffled_keys(key_encoder, x):
+    """builder.py's _batch_shuffle_ddp and _batch_unshuffle_ddp: the key encoder sees the key
+    images of every process in rank 0's random order, this process a slice of them, and each key
+    goes back to its image, so BatchNorm cannot pair a key with its query. In one process the
+    order matters only to split BN (moco_mochi.py); with plain BN it changes nothing (the Ring
+    code's one-GPU shuffle_bn)."""
+    x_all = gather(x)                                                                # [B, ...]
+    perm = torch.randperm(len(x_all), device=x.device)                               # [B]
+    dist.broadcast(perm, 0) if world() > 1 else None
+    keys = gather(key_encoder(x_all[perm.view(world(), -1)[rank()]]))                # [B, D]
+    return keys[perm.argsort().view(world(), -1)[rank()]]                            # [b, D]
+
+
+def moco_logits(q, k, queue, temperature=0.2, synthetic=None, exclude=None):
+    """builder.py's logits [q.k | q.queue^T] / T with each query's MoCHi points appended, [B, 1 +
+    K + S], float32 (float64 for float64 q) outside autocast. q, k [B, D], queue [K, D], synthetic
+    [B, S, D] are normalised here; exclude [B, K]: queue keys that are no negatives (-inf)."""
+    if q.shape != k.shape or queue.shape[1:] != q.shape[1:] or not temperature > 0:
+        raise ValueError(f"need q, k [B, D], queue [K, D], temperature > 0; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(queue.shape)}, {temperature}")
+    with torch.autocast(q.device.type, enabled=False):
+        dt = torch.promote_types(q.dtype, torch.float32)
+        q, k = F.normalize(q.to(dt), dim=1), F.normalize(k.to(dt), dim=1)             # [B, D]
+        l_pos = (q * k).sum(1, keepdim=True)                                            # [B, 1]
+        l_neg = q @ F.normalize(queue.to(dt), dim=1).T                                  # [B, K]
+        l_neg = l_neg if exclude is None else l_neg.masked_fill(exclude, -math.inf)
+        l_syn = l_pos[:, :0] if synthetic is None else torch.einsum(
+            "bd,bsd->bs", q, F.normalize(synthetic.to(dt), dim=2))                      # [B, S]
+        return torch.cat([l_pos, l_neg, l_syn], dim=1) / temperature                    # [B, 1+K+S]
+
+
+def moco_loss(q, k, queue, temperature=0.2, synthetic=None, exclude=None):
+    """MoCo's InfoNCE: the batch mean of the cross-entropy of moco_logits, the positive class 0."""
+    logits = moco_logits(q, k, queue, temperature, synthetic, exclude)
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+@torch.no_grad()
+def mochi_negatives(q, queue, n_hard, s1, s2, generator=None, exclude=None, return_sources=False):
+    """MoCHi's points [B, s1 + s2, D], unit and detached: s1 of type 1, then s2 of type 2, from each
+    query's n_hard most similar queue rows but `exclude` [B, K], drawn with replacement in
+    davidsvy's order (src/moco.py). return_sources: also the rows each mixes, [B, S, 2] (type 2:
+    m twice)."""
+    if not (0 < n_hard <= len(queue) and s1 >= 0 and s2 >= 0):
+        raise ValueError(f"need 0 < n_hard <= K = {len(queue)}, s1, s2 >= 0: {n_hard}, {s1}, {s2}")
+    with torch.autocast(q.device.type, enabled=False):
+        dt, b, dev = torch.promote_types(q.dtype, torch.float32), len(q), q.device
+        q, queue = F.normalize(q.to(dt), dim=1), F.normalize(queue.to(dt), dim=1)   # [B, D], [K, D]
+        sim = q @ queue.T if exclude is None else (q @ queue.T).masked_fill(exclude, -math.inf)
+        hard = sim.topk(n_hard, dim=1).indices                                         # [B, N] rows
+        pos = torch.randint(0, n_hard, (2, b, s1), generator=generator, device=dev)
+        i, j = hard.gather(1, pos[0]), hard.gather(1, pos[1])                          # [B, s1]
+        a = torch.rand(b, s1, 1, generator=generator, device=dev, dtype=dt)             # [B, s1, 1]
+        m = hard.gather(1, torch.randint(0, n_hard, (b, s2), generator=generator, device=dev))
+        beta = 0.5 * torch.rand(b, s2, 1, generator=generator, device=dev, dtype=dt)    # [B, s2, 1]
+        points = F.normalize(torch.cat([a * queue[i] + (1 - a) * queue[j],
+                                        beta * q[:, None] + (1 - beta) * queue[m]], 1), dim=2)
+        sources = torch.stack([torch.cat([i, m], 1), torch.cat([j, m], 1)], dim=2)     # [B, S, 2]
+        return (points, sources) if return_sources else points                         # [B, S, D]
+
+
+def make_optimizer(model, args, device):
+    """main_moco.py: SGD, momentum 0.9, weight decay on every parameter (the key encoder's get no
+    gradient: SGD leaves them alone); fused kernels on GPUs."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.SGD(model.parameters(), args.lr, momentum=0.9,
+                           weight_decay=args.weight_decay, **fused)
+
+
+@torch.no_grad()
+def monitor(logits, own, labels, key_labels, sources):
+    """Per query, negative_rates over the queue keys the loss contrasts (key_labels [K], -1: no
+    image) and fn_rate_synth: the share of its MoCHi points with a source key of its class (type
+    1: either of two), points with a source of unknown class left out."""
+    stats = negative_rates(logits[:, 1:len(key_labels) + 1], ~own, labels, key_labels)
+    if sources is not None:
+        src = key_labels[sources]                                                       # [b, S, 2]
+        known = (src >= 0).all(2) & (labels[:, None] >= 0)                              # [b, S]
+        same = ((src == labels[:, None, None]).any(2) & known).sum(1)                    # [b]
+        stats["fn_rate_synth"] = torch.where(known.any(1), same / known.sum(1), math.nan)
+    return stats
+
+
+def train_step(net, model, optimizer, scaler, views, labels, ids, classes, args, dtype, mix=(0, 0)):
+    """main_moco.py train() and builder.py forward() on two views [b, 3, H, W] of b images (labels
+    [b], -1: unknown; ids [b]: their indices; classes [N]: the class of each index): queries, EMA,
+    keys, the loss of each (query view, key view), the SGD step, the keys into the queue. mix =
+    (s1, s2): MoCHi's points per query. Returns the loss and the monitor's values per query."""
+    pairs = [(0, 1), (1, 0)] if args.symmetric else [(0, 1)]          # (query view, key view)
+    with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
+        queries = net(*(views[v] for v, _ in pairs))                                   # [b, D] each
+        with torch.no_grad():  # builder.py: the momentum update, then the keys
+            for pk, pq in zip(model.encoder_k.parameters(), model.encoder_q.parameters()):
+                pk.mul_(args.ema).add_(pq.detach(), alpha=1 - args.ema)
+            keys = [F.normalize(shuffled_keys(model.encoder_k, views[v]).to(model.queue.dtype),
+                                dim=1) for _, v in pairs]                              # [b, D] each
+    own = (ids[:, None] == model.queue_ids) & args.mask_own                           # [b, K]
+    key_labels = torch.where(model.queue_ids >= 0, classes[model.queue_ids], -1)      # [K]
+    loss, stats = 0.0, []
+    for q, k in zip(queries, keys):
+        synthetic, sources = mochi_negatives(q, model.queue, args.n_hard, *mix, exclude=own,
+                                             return_sources=True) if sum(mix) else (None, None)
+        logits = moco_logits(q, k, model.queue, args.temperature, synthetic, own)      # [b, 1+K+S]
+        loss = loss + F.cross_entropy(logits, torch.zeros_like(ids))
+        stats.append(monitor(logits.detach(), own, labels, key_labels, sources))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    for k in keys[::-1]:  # the demo enqueues [k1, k2]: the keys of view 1 first
+        model.enqueue(gather(k), gather(ids))
+    return {"loss": loss.detach(), **{n: torch.cat([s[n] for s in stats]) for n in stats[0]}}
+
+
+def train_one_epoch(net, model, data, optimizer, scaler, args, epoch, device, dtype):
+    """One pass at main_moco.py's cosine lr (--cos: set per epoch), MoCHi's types from their start
+    epochs on, each batch's views through train_step. Returns the epoch's statistics."""
+    net.train()
+    lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    mix = [s if args.n_hard and epoch >= start else 0 for s, start in
+           ((args.s1_hard, args.start1_hard), (args.s2_hard, args.start2_hard))]
+    steps = []
+    for batch in batches(data, epoch):
+        views, labels, ids = common.batch_views(batch, data, device)
+        steps.append(train_step(net, model, optimizer, scaler, views, labels, ids, data.labels,
+                                args, dtype, mix))
+    return {**epoch_stats(steps), "lr": lr}
+
+
+def main(argv=None):
+    parser = get_parser()
+    args, ckpt, device, dtype = setup(parser, argv, rules)
+    history = ckpt["history"] if ckpt else []
+    recipe = {"scale": (args.crop_min, 1.0), "blur_p": args.blur_p,
+              "normalize": common.normalization(args.norm, args.dataset)}
+    data = load_data(args, parser, device, recipe)
+
+    # ---- model (split BN in one process, shuffle BN across processes), optimizer, resume ----
+    splits = args.bn_splits or (8 if world() == 1 else 1)
+    model = MoCo(args, splits).to(device)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start = restore(ckpt, model, optimizer, scaler, parser)
+    net = distribute(model, model, args, device)
+    backbone, head = model.encoder_q.backbone, model.encoder_q.head
+
+    def state(epoch):
+        return {"script": parser.prog, "args": vars(args), "epoch": epoch,
+                "bn_mode": f"shuffle BN, {world()} process(es), split BN in {splits} groups each",
+                "backbone": backbone.state_dict(), "model": model.state_dict(),
+                "head": {"layout": head_layout(head), "state": head.state_dict()},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+
+    # ---- training: a row of metrics.csv and last.pt per epoch (--epochs 0: the untrained net) ----
+    if args.epochs == 0:
+        end_epoch(args, {"epoch": 0, **knn_monitor(backbone, data, args, device, dtype)},
+                  history, state(0))
+    for epoch in range(start, args.epochs):
+        start_time = time.time()
+        row = {"epoch": epoch + 1, **train_one_epoch(net, model, data, optimizer, scaler, args,
+                                                     epoch, device, dtype)}
+        row["epoch_seconds"] = time.time() - start_time
+        row["images_per_sec"] = len(data.loader) * args.batch_size / row["epoch_seconds"]
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            row.update(knn_monitor(backbone, data, args, device, dtype))
+        end_epoch(args, row, history, state(epoch + 1))
+    if world() > 1:
+        dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------------
+# The harness: the same in every training script, word for word (tests/test_copies.py)
+# -------------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def shared_flags(parser, **defaults):
+    """The flags of every training script (shared/specs/api.md), with the script's defaults."""
+    g = parser.add_argument_group("data, backbone and training")
+    g.add_argument("--dataset", default="cifar10", choices=common.DATASETS,
+                   help="folder: DATA_DIR/train/<class>/*, optional DATA_DIR/test/<class>/*")
+    g.add_argument("--data_dir", default="data", help="data root; torchvision sets download here")
+    g.add_argument("--subset", type=int, default=0, help="train on N evenly spaced images (0: all)")
+    g.add_argument("--crop_size", type=int, default=32, help="random-resized-crop size")
+    g.add_argument("--blur_p", type=float, default=0.0, help="Gaussian blur probability")
+    g.add_argument("--norm", default="auto", choices=["auto", *common.NORMALIZATION], help="inputs")
+    g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
+    g.add_argument("--gpu_aug", action="store_true", help="augment whole batches on the device")
+    g.add_argument("--arch", default="resnet18", choices=list(common.ARCHS), help="backbone")
+    g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 conv")
+    g.add_argument("--width", type=int, default=64, help="base channels (64: the standard ResNet)")
+    g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's conv")
+    g.add_argument("--epochs", type=int, default=200, help="total epochs (0: the untrained net)")
+    g.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch over all processes")
+    g.add_argument("--lr", type=float, default=0.03, help="learning rate (see the docstring)")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast: auto is bf16 (or fp16) on GPUs, fp32 on CPUs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network")
+    g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
+    g.add_argument("--out_dir", default="runs/" + parser.prog[:-3], help="metrics.csv, last.pt")
+    g.add_argument("--resume", default="", help="continue this last.pt up to --epochs")
+    g.add_argument("--knn_k", type=int, default=200, help="kNN monitor: neighbours")
+    g.add_argument("--knn_t", type=float, default=0.1, help="kNN monitor: temperature")
+    g.add_argument("--eval_every", type=int, default=1, help="kNN every N epochs (0: never)")
+    parser.set_defaults(**defaults)
+
+
+MAY_CHANGE = ("epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision",
+              "gpu_aug", "compile")
+POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim", "hidden_dim",
+            "queue_size", "num_chunks", "num_negatives", "num_prototypes", "pred_dim", "embed_dim")
+
+
+def setup(parser, argv, rules):
+    """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
+    ints >= 0, *_p in [0, 1], POSITIVE > 0, the script's rules(args)) and --resume's checkpoint
+    (its flags win but MAY_CHANGE's), joins the process group, seeds by rank, writes args.json."""
+    args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
+    if args.resume:
+        try:
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            parser.error(f"no checkpoint at {args.resume}")
+        except Exception:  # random bytes, text, a truncated file, objects other than tensors
+            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or damaged)")
+        if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
+            parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
+        missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
+                   if k not in ckpt]
+        parser.set_defaults(**{**ckpt.get("args", {}), "out_dir": os.path.dirname(os.path.abspath(
+            args.resume))})
+        args = parser.parse_args(argv)
+        changed = [f"--{k}" for k, v in ckpt.get("args", {}).items()
+                   if k not in MAY_CHANGE and vars(args).get(k) != v]
+        rules = [(not missing, f"{args.resume} lacks {', '.join(missing)}"),
+                 (not changed, f"{', '.join(changed)}: a resumed run keeps the checkpoint's "
+                  f"values (only --{', --'.join(MAY_CHANGE)} may change)"),
+                 (missing or n_proc == len(ckpt["rng"]), f"{args.resume} ran on "
+                  f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
+                 (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
+                  f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
+    for name, v in vars(args).items():
+        need = ("finite" if type(v) is float and not math.isfinite(v) else ">= 0" if type(v) is int
+                and v < 0 else "in [0, 1]" if name.endswith("_p") and not 0 <= v <= 1 else "> 0"
+                if name in POSITIVE and not v > 0 else "")
+        if need:
+            parser.error(f"--{name} must be {need}, got {v}")
+    for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
+                        args.batch_size >= 2 * n_proc, "--batch_size must hold 2 or more images "
+                        f"for each of {n_proc} process(es)")]:
         if not ok:
             parser.error(message)
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if n_proc > 1 and not dist.is_initialized():  # a long timeout: rank 0 alone runs the kNN
+        torch.cuda.set_device(device) if cuda else None
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    try:
+        if rank() == 0:
+            os.makedirs(args.out_dir, exist_ok=True)
+            with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2, sort_keys=True)
+    except OSError as err:
+        parser.error(f"cannot write to --out_dir {args.out_dir}: {err}")
+    auto = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    precision = auto if args.precision == "auto" else args.precision
+    if precision == "fp16" and not cuda and rank() == 0:
+        print(f"{parser.prog}: warning: fp16 autocast on a CPU is very slow", file=sys.stderr)
+    torch.manual_seed(args.seed + rank())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return args, ckpt, device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-# ------------------------------------------------------------------------------------------------
-# Distributed helpers (the same in every training script; tests/test_copies.py keeps them so)
-# ------------------------------------------------------------------------------------------------
-
-def setup_distributed():
-    """(rank, world_size, device): under torchrun join the process group (NCCL on GPUs, gloo on
-    CPU); otherwise one process on cuda:0 or the CPU. The same code path serves both."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_master():
-    return world() == 1 or dist.get_rank() == 0
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class GatherLayer(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient and returns this rank's slice: the
-    other ranks' anchors then push on this rank's embeddings, as in one process."""
+    """all_gather whose backward sums every process's gradient and returns this process's slice:
+    the other processes' anchors then push on this process's rows, as in one process."""
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        out = [torch.empty_like(x) for _ in range(world())]
         dist.all_gather(out, x.contiguous())
         return tuple(out)
 
@@ -161,552 +434,156 @@ class GatherLayer(torch.autograd.Function):
     def backward(ctx, *grads):
         grad = torch.stack(grads)
         dist.all_reduce(grad)
-        return grad[dist.get_rank()]
+        return grad[rank()]
 
 
-def gather_with_grad(x):
-    """Rows of every rank concatenated in rank order, with gradient; x itself in one process."""
+def gather(x):
+    """The rows of every process in rank order, with gradient where x has one (x in one process)."""
     return x if world() == 1 else torch.cat(GatherLayer.apply(x))
 
 
-@torch.no_grad()
-def concat_all_gather(x):
-    """Rows of every rank concatenated in rank order, without gradient (labels, queues, banks)."""
-    if world() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+def load_data(args, parser, device, recipe, views=2, split="train", to_input=None):
+    """common.run_data (the data sets, views and this process's loader) with one-line errors."""
+    try:
+        if rank() > 0:
+            dist.barrier()  # rank 0 downloads first, then the others find the files
+        data = common.run_data(args, recipe, device, views, split, to_input, rank(), world())
+    except (OSError, ValueError) as err:  # missing data, an unreadable image, mixed image sizes
+        parser.error(str(err))
+    finally:
+        if rank() == 0 and world() > 1:
+            dist.barrier()
+    data.parser = parser
+    return data
+
+
+def batches(data, epoch):
+    """The epoch's batches, with a progress bar on rank 0 in a terminal; an unreadable image stops
+    the run with a one-line error naming it, also when a loader worker met it."""
+    data.sampler.set_epoch(epoch)
+    try:
+        yield from tqdm(data.loader, f"epoch {epoch + 1}", leave=False, disable=rank() > 0 or None)
+    except OSError as err:
+        data.parser.error((re.findall(r"cannot read image .*", str(err)) or [str(err)])[-1])
 
 
 @torch.no_grad()
-def shuffled_keys(encoder, x):
-    """encoder(x) row by row, computed on a permuted batch (shuffle BN, MoCo's _batch_shuffle_ddp):
-    the key images of all processes are gathered, permuted with rank 0's permutation, and each
-    process encodes its slice; the keys are gathered and this process's rows taken back in order.
-    In one process the permutation decides which images share a split-BN group."""
-    rank = dist.get_rank() if world() > 1 else 0
-    x_all = concat_all_gather(x)                                               # [B, C, H, W]
-    perm = torch.randperm(x_all.shape[0], device=x.device)                     # [B]
-    if world() > 1:
-        dist.broadcast(perm, 0)
-    keys = concat_all_gather(encoder(x_all[perm.view(world(), -1)[rank]]))     # [B, D], shuffled order
-    return keys[perm.argsort().view(world(), -1)[rank]]                        # [b, D], this rank's order
+def negative_rates(sim, negative, labels, candidate_labels):
+    """The negatives monitor per anchor (NaN where no negative has a known class): fn_rate, the
+    share of its negatives of its own class, and fn_rate_hard, the share among its 1% most
+    similar negatives (at least one). sim, negative [a, m]: similarities and the pairs the loss
+    contrasts; labels [a], candidate_labels [m] or [a, m]: classes, -1 where unknown."""
+    cand = candidate_labels.expand_as(sim)
+    known = negative & (cand >= 0) & (labels[:, None] >= 0)                       # [a, m]
+    same, n = known & (cand == labels[:, None]), known.sum(1)                     # [a, m], [a]
+    k = (n // 100).clamp(min=1)                                                   # [a]
+    top = sim.masked_fill(~known, -math.inf).topk(max(1, sim.shape[1] // 100), dim=1).indices
+    hard = same.gather(1, top) & (torch.arange(top.shape[1], device=sim.device) < k[:, None])
+    return {"fn_rate": torch.where(n > 0, same.sum(1) / n, math.nan),
+            "fn_rate_hard": torch.where(n > 0, hard.sum(1) / k, math.nan)}
 
 
-# ------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------
+def epoch_stats(steps):
+    """{name: mean over the epoch's values on every process} of the steps' statistics (the loss;
+    values per anchor, NaN for none: '' if all are; a non-finite loss is kept: it stops the run)."""
+    out = {}
+    for name in steps[0]:
+        v = torch.cat([s[name].double().reshape(-1) for s in steps])
+        valid = ~v.isnan() | (name == "loss")
+        total = torch.stack([torch.where(valid, v, 0.0).sum(), valid.sum().double()])
+        dist.all_reduce(total) if world() > 1 else None
+        out[name] = (total[0] / total[1]).item() if total[1] else ""
+    return out
 
-class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics come from `splits` contiguous groups of the batch,
-    each normalised on its own as if on its own GPU; the running statistics are the mean of the
-    groups' updates. Same state dict as BatchNorm2d; evaluation is plain BatchNorm."""
-
-    def __init__(self, bn, splits):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.load_state_dict(bn.state_dict())
-        self.splits = splits
-
-    def forward(self, x):
-        if not self.training or self.splits == 1:
-            return super().forward(x)
-        g, (n, c, h, w) = self.splits, x.shape
-        grouped = x.view(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)  # group i -> channels of block i
-        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
-        y = F.batch_norm(grouped, mean, var, self.weight.repeat(g), self.bias.repeat(g), True, self.momentum, self.eps)
-        self.running_mean.copy_(mean.view(g, c).mean(0))
-        self.running_var.copy_(var.view(g, c).mean(0))
-        self.num_batches_tracked.add_(1)
-        return y.view(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)
-
-
-def split_bn_(module, splits):
-    """Replace every BatchNorm2d of `module` (in place) by a SplitBatchNorm with its state."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            setattr(module, name, SplitBatchNorm(child, splits))
-        else:
-            split_bn_(child, splits)
-    return module
-
-
-class MoCo(nn.Module):
-    """Query encoder (common.py ResNet + head), its momentum copy, and the queue as buffers:
-    queue [K, D] (one unit key per row), queue_ids [K] (dataset index of each key, -1 at start),
-    queue_ptr [1] (the next row to write)."""
-
-    def __init__(self, args, bn_splits=1):
-        super().__init__()
-        self.backbone = split_bn_(common.build_backbone(args.arch, args.stem, args.width, args.stem_padding), bn_splits)
-        d = self.backbone.out_dim
-        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, args.feature_dim)) if args.mlp \
-            else nn.Sequential(nn.Linear(d, args.feature_dim))
-        self.key_backbone, self.key_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
-        for p in self.key_parameters():
-            p.requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, args.feature_dim), dim=1))
-        self.register_buffer("queue_ids", torch.full((args.queue_size,), -1, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    def query_parameters(self):
-        return [*self.backbone.parameters(), *self.projector.parameters()]
-
-    def key_parameters(self):
-        return [*self.key_backbone.parameters(), *self.key_projector.parameters()]
-
-    def forward(self, *views):
-        """Query projections (not normalised) of each view; one call so DDP sees one forward."""
-        return [self.projector(self.backbone(x)) for x in views]
-
-    def keys(self, x):
-        """Unit keys in float32 (the queue's dtype, also under autocast)."""
-        return F.normalize(self.key_projector(self.key_backbone(x)).float(), dim=1)
-
-    @torch.no_grad()
-    def momentum_update(self, m):
-        """theta_k <- m theta_k + (1 - m) theta_q on the parameters (float32, also under AMP)."""
-        for pk, pq in zip(self.key_parameters(), self.query_parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
-
-    @torch.no_grad()
-    def enqueue(self, keys, ids):
-        """Gather this process's keys [b, D] and dataset ids [b] from every process (rank order) and
-        write them at the pointer, oldest first out, wrapping around: every process holds the same queue."""
-        keys, ids = concat_all_gather(keys), concat_all_gather(ids)                  # [B, D], [B]
-        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.queue.shape[0]
-        self.queue[rows] = keys.to(self.queue.dtype)
-        self.queue_ids[rows] = ids
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.queue.shape[0])
-
-
-def head_layout(head):
-    """[name, kind, sizes...] per layer of a Linear/BatchNorm1d/ReLU head: with the head's state
-    dict it rebuilds the head without this script (linear_eval.py, bound.py)."""
-    layout = []
-    for name, m in head.named_children():
-        if isinstance(m, nn.Linear):
-            layout.append([name, "linear", m.in_features, m.out_features, m.bias is not None])
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            layout.append([name, "bn", m.num_features, m.affine])
-        elif isinstance(m, nn.ReLU):
-            layout.append([name, "relu"])
-        else:
-            raise TypeError(f"head_layout cannot describe {type(m).__name__}")
-    return layout
-
-
-# ------------------------------------------------------------------------------------------------
-# Loss and hard negative mixing
-# ------------------------------------------------------------------------------------------------
-
-def _check(q, queue, exclude):
-    if q.dim() != 2 or queue.dim() != 2 or q.shape[1] != queue.shape[1]:
-        raise ValueError(f"q must be [B, D] and queue [K, D], got {tuple(q.shape)} and {tuple(queue.shape)}")
-    if exclude is not None and exclude.shape != (q.shape[0], queue.shape[0]):
-        raise ValueError(f"exclude must be [B, K] = {(q.shape[0], queue.shape[0])}, got {tuple(exclude.shape)}")
-
-
-def mochi_negatives(q, queue, n_hard, s1, s2, generator=None, exclude=None):
-    """MoCHi's synthetic negatives [B, s1 + s2, D] (unit vectors, no gradient): for each query its
-    n_hard most similar queue rows (exclude [B, K] bool: rows never picked, e.g. its own image's
-    keys), then s1 type-1 points normalize(a n_i + (1-a) n_j), a ~ U(0,1), i != j, and s2 type-2
-    points normalize(b q + (1-b) n_j), b ~ U(0, 0.5); n_i, n_j drawn uniformly from that hard set.
-    Batched on q's device, no loop over the batch; random draws from `generator` (device's)."""
-    _check(q, queue, exclude)
-    if s1 < 0 or s2 < 0 or not 0 < n_hard <= queue.shape[0] or (s1 > 0 and n_hard < 2):
-        raise ValueError(f"need s1, s2 >= 0 and 0 < n_hard <= K ({queue.shape[0]}), n_hard >= 2 for s1 > 0; "
-                         f"got n_hard={n_hard}, s1={s1}, s2={s2}")
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        q, queue = F.normalize(q.detach().to(dtype), dim=1), F.normalize(queue.detach().to(dtype), dim=1)
-        b, dev = q.shape[0], q.device
-        sim = q @ queue.T                                                               # [B, K]
-        if exclude is not None:
-            sim = sim.masked_fill(exclude, -math.inf)
-        hard = sim.topk(n_hard, dim=1).indices                                          # [B, N] queue rows
-        pi = torch.randint(0, n_hard, (b, s1), generator=generator, device=dev)         # [B, s1]
-        pj = (pi + torch.randint(1, max(n_hard, 2), (b, s1), generator=generator, device=dev)) % n_hard  # != pi
-        a = torch.rand(b, s1, 1, generator=generator, device=dev, dtype=dtype)          # [B, s1, 1]
-        h1 = a * queue[hard.gather(1, pi)] + (1 - a) * queue[hard.gather(1, pj)]         # [B, s1, D]
-        pm = torch.randint(0, n_hard, (b, s2), generator=generator, device=dev)         # [B, s2]
-        beta = 0.5 * torch.rand(b, s2, 1, generator=generator, device=dev, dtype=dtype)  # [B, s2, 1]
-        h2 = beta * q[:, None] + (1 - beta) * queue[hard.gather(1, pm)]                # [B, s2, D]
-        return F.normalize(torch.cat([h1, h2], dim=1), dim=2)                           # [B, s1+s2, D]
-
-
-def moco_logits(q, k, queue, temperature=0.2, synthetic=None, exclude=None):
-    """[q.k | q.queue^T | q.synthetic_b^T] / T, [B, 1 + K + S], in float32 (float64 for float64
-    inputs) outside autocast; queue entries marked in `exclude` [B, K] are -inf."""
-    _check(q, queue, exclude)
-    if k.shape != q.shape or (synthetic is not None and (synthetic.dim() != 3 or synthetic.shape[0] != q.shape[0]
-                                                         or synthetic.shape[2] != q.shape[1])):
-        raise ValueError(f"k must be [B, D] like q {tuple(q.shape)} and synthetic [B, S, D]")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k = F.normalize(q.to(dtype), dim=1), F.normalize(k.to(dtype), dim=1)          # [B, D]
-        l_pos = (q * k).sum(dim=1, keepdim=True)                                          # [B, 1]
-        l_neg = q @ F.normalize(queue.detach().to(dtype), dim=1).T                        # [B, K]
-        if exclude is not None:
-            l_neg = l_neg.masked_fill(exclude, -math.inf)
-        parts = [l_pos, l_neg]
-        if synthetic is not None:
-            parts.append(torch.einsum("bd,bsd->bs", q, F.normalize(synthetic.to(dtype), dim=2)))  # [B, S]
-        return torch.cat(parts, dim=1) / temperature                                      # [B, 1+K+S]
-
-
-def moco_loss(q, k, queue, temperature=0.2, synthetic=None, exclude=None):
-    """Mean over the batch of the cross-entropy of moco_logits with the positive as class 0."""
-    logits = moco_logits(q, k, queue, temperature, synthetic, exclude)                    # [B, 1+K+S]
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
-def learning_rate(args, epoch):
-    """MoCo v2: base lr x batch/256 (linear scaling), cosine over --epochs, set once per epoch."""
-    return args.lr * args.batch_size / 256 * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-
-
-def mixing(args, epoch):
-    """(s1, s2) active in this epoch: a type mixes from epoch start*_hard on (0: from the first step)."""
-    if args.n_hard == 0:
-        return 0, 0
-    return (args.s1_hard if epoch >= args.start1_hard else 0), (args.s2_hard if epoch >= args.start2_hard else 0)
-
-
-def train_one_epoch(net, model, loader, optimizer, scaler, args, epoch, device, dtype, images=None, augment=None):
-    """One pass over `loader`; returns (mean loss, lr, stats dict, first non-finite step or -1).
-    With `augment` (--gpu_aug) the loader yields image indices; the views are made here, on the device."""
-    net.train()
-    lr = learning_rate(args, epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    s1, s2 = mixing(args, epoch)
-    steps = len(loader)
-    # loss, instance acc@1, hardest real negative cosine, synthetic cosine, synthetic harder than hardest, queries
-    sums = torch.zeros(6, device=device, dtype=torch.float64)
-    first_bad = torch.full((), -1, device=device)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False) if is_master() else None
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for step, batch in enumerate(loader):
-        ids = batch[-1].to(device, non_blocking=True)                       # data-set indices [b]
-        if augment is not None:
-            x1, x2 = augment(images[ids]), augment(images[ids])              # two independent draws per image
-        else:
-            x1, x2 = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        x1, x2 = x1.contiguous(memory_format=memory_format), x2.contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            queries = net(x1, x2) if args.symmetric else net(x1)
-            with torch.no_grad():  # official order: EMA first, then the keys
-                model.momentum_update(args.ema)
-                keys = [shuffled_keys(model.keys, x) for x in ((x2, x1) if args.symmetric else (x2,))]
-        loss = 0.0
-        for q, k in zip(queries, keys):  # float32 from here on
-            exclude = ids[:, None] == model.queue_ids[None] if args.mask_own else None       # [b, K]
-            synthetic = mochi_negatives(q, model.queue, args.n_hard, s1, s2, exclude=exclude) if s1 + s2 else None
-            logits = moco_logits(q, k, model.queue, args.temperature, synthetic, exclude)    # [b, 1+K+S]
-            loss = loss + F.cross_entropy(logits, torch.zeros_like(ids))
-            with torch.no_grad():  # monitors, in cosines: the (K+1)-way task leaves the synthetic columns out
-                cos, K = logits * args.temperature, model.queue.shape[0]
-                hardest, syn = cos[:, 1:1 + K].max(dim=1).values, cos[:, 1 + K:]            # [b], [b, S]
-                sums[1:] += torch.stack([(cos[:, :1 + K].argmax(1) == 0).sum(), hardest.sum(), syn.sum() / max(syn.shape[1], 1),
-                                         (syn > hardest[:, None]).sum() / max(syn.shape[1], 1),
-                                         hardest.new_tensor(q.shape[0])]).double()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        # The queue changes only after the loss has been used, so no copy of it is needed.
-        for k in keys:
-            model.enqueue(k, ids)
-        sums[0] += loss.detach().double()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{sums[0].item() / (step + 1):.4f}", lr=f"{lr:.3g}")
-    if bar is not None:
-        bar.close()
-    if world() > 1:
-        dist.all_reduce(sums)  # a non-finite loss on any rank shows on every rank, so all stop together
-    n = sums[5].item()
-    stats = {"instance_top1": 100 * sums[1].item() / n, "hardest_cos": sums[2].item() / n,
-             "synthetic": s1 + s2, "synthetic_cos": sums[3].item() / n if s1 + s2 else "",
-             "synthetic_harder": sums[4].item() / n if s1 + s2 else ""}
-    return sums[0].item() / (steps * world()), lr, stats, int(first_bad)
-
-
-# ------------------------------------------------------------------------------------------------
-# kNN monitor, checkpoints (the same in every training script)
-# ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def knn_monitor(backbone, memory_set, test_set, k, t, batch_size, workers, device, dtype):
-    """kNN top-1/top-5 (%) on `test_set` with `memory_set` as the bank: cosine similarity, the k
-    nearest vote with weight exp(sim / t) (Wu et al. 2018). Every process embeds every world-th
-    image; the bank is gathered and the counts summed, so every process returns the same numbers."""
-    rank, n_proc = (dist.get_rank(), world()) if world() > 1 else (0, 1)
+def knn_monitor(backbone, data, args, device, dtype):
+    """{knn_top1, knn_top5} (%) on rank 0 ({} elsewhere, or without a labelled test split): each
+    test image's --knn_k nearest training images (cosine of backbone features) vote with weight
+    exp(sim / --knn_t) (Wu et al. 2018)."""
+    if data.test is None or rank() > 0:
+        return {}
     backbone.eval()
 
     def embed(dataset):
-        part = Subset(dataset, range(rank, len(dataset), n_proc))
-        feats, labels = [torch.zeros(0, backbone.out_dim, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
-        for x, y in DataLoader(part, batch_size=batch_size, num_workers=workers):
+        feats, labels = [], []
+        for x, y in DataLoader(dataset, args.batch_size, num_workers=args.workers):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
+                feats.append(F.normalize(backbone(data.to_input(x.to(device))).float(), dim=1))
             labels.append(y.to(device))
-        feats, labels = torch.cat(feats), torch.cat(labels)
-        rows = -(-len(dataset) // n_proc)  # pad to equal size for all_gather; label -1 marks padding
-        pad = rows - feats.shape[0]
-        return torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]), torch.cat([labels, labels.new_full((pad,), -1)])
+        return torch.cat(feats), torch.cat(labels)
 
-    bank, bank_labels = embed(memory_set)
-    bank, bank_labels = concat_all_gather(bank), concat_all_gather(bank_labels)
-    bank, bank_labels = bank[bank_labels >= 0], bank_labels[bank_labels >= 0]
-    feats, labels = embed(test_set)
-    classes = int(bank_labels.max()) + 1
-    sim, idx = (feats @ bank.T).topk(min(k, bank.shape[0]), dim=1)                 # [n, k]
-    votes = torch.zeros(feats.shape[0], classes, device=device).scatter_add_(1, bank_labels[idx], (sim / t).exp())
-    ranked = votes.argsort(dim=1, descending=True)
-    hits = (ranked[:, :5] == labels[:, None]) & (labels[:, None] >= 0)
-    counts = torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum(), (labels >= 0).sum()]).double()
-    if n_proc > 1:
-        dist.all_reduce(counts)
-    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+    (bank, bank_labels), (feats, labels), hits = embed(data.memory), embed(data.test), 0
+    for f, y in zip(feats.split(1024), labels.split(1024)):  # [1024, N] similarities at a time
+        sim, idx = (f @ bank.T).topk(min(args.knn_k, len(bank)), dim=1)            # [n, k]
+        votes = torch.zeros(len(f), int(bank_labels.max()) + 1, device=device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / args.knn_t).exp())         # [n, classes]
+        top = votes.topk(min(5, votes.shape[1]), dim=1).indices == y[:, None]      # [n, 5]
+        hits = hits + torch.stack([top[:, 0].sum(), top.any(1).sum()]) / len(labels)
+    return {"knn_top1": 100 * hits[0].item(), "knn_top5": 100 * hits[1].item()}
 
 
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, script, parser):
-    """torch.load(weights_only=True); a missing, junk or foreign file is a one-line error (exit 2)."""
+def restore(ckpt, model, optimizer, scaler, parser):
+    """The first epoch: 0, or the checkpoint's after loading the model, optimizer, scaler and this
+    process's RNG states (a tensor of another shape is a one-line error)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # missing, truncated, not a checkpoint, or holding unsafe objects
-        parser.error(f"cannot read checkpoint {path}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        parser.error(f"{path} is not a checkpoint of {script}")
-    return ckpt
-
-
-def resumed_args(parser, argv, args, ckpt):
-    """The checkpoint's arguments, except the flags of MAY_CHANGE_ON_RESUME given on the command
-    line; any other flag given with a different value is an error (the run would not be the one asked for)."""
-    for action in parser._actions:  # parse again with no defaults: only the flags given remain
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    merged = {**vars(args), **ckpt["args"]}
-    for name, value in given.items():
-        if name in MAY_CHANGE_ON_RESUME:
-            merged[name] = value
-        elif value != merged[name]:
-            parser.error(f"--{name} {value} differs from the checkpoint's {merged[name]}; a resumed run keeps its "
-                         f"settings (only --{', --'.join(sorted(MAY_CHANGE_ON_RESUME))} may change)")
-    if "out_dir" not in given:
-        merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
-    return argparse.Namespace(**merged)
-
-
-def rng_states():
-    """Every process's torch RNG states (CPU and CUDA), in rank order, for an exact resume."""
-    state = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)]
-    if world() == 1:
-        return [state]
-    states = [None] * world()
-    dist.all_gather_object(states, state)
-    return states
-
-
-COLUMNS = ["epoch", "loss", "lr", "images_per_sec", "epoch_seconds", "knn_top1", "knn_top5", "instance_top1",
-           "hardest_cos", "synthetic", "synthetic_cos", "synthetic_harder"]
-
-
-def write_metrics(path, row):
-    """Append one row to metrics.csv (header first): epoch, loss, lr, images_per_sec, epoch_seconds,
-    knn_top1, knn_top5 (%), instance_top1 (% of queries whose positive beats every queue key: the
-    (K+1)-way task, synthetic columns left out), hardest_cos (mean cosine of each query's hardest
-    queue key), synthetic (points per query), synthetic_cos (their mean cosine with the query) and
-    synthetic_harder (fraction of them closer to the query than its hardest queue key)."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row.get(c), float) else row.get(c, "")) for c in COLUMNS})
-
-
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, SCRIPT, parser)
-        args = resumed_args(parser, argv, args, ckpt)
-
-    # ---- processes, batch and queue sizes, precision, seeds ----
-    rank, n_proc, device = setup_distributed()
-    master = rank == 0
-    batch = args.batch_size // n_proc
-    splits = args.bn_splits or (8 if n_proc == 1 else 1)
-    per_step = args.batch_size * (2 if args.symmetric else 1)
-    if args.batch_size % n_proc or batch % splits or batch // splits < 2:
-        parser.error(f"--batch_size {args.batch_size} (global) must split into {n_proc} process(es) x "
-                     f"{splits} BN group(s) (--bn_splits) of at least 2 images")
-    if args.queue_size % per_step:
-        parser.error(f"--queue_size (--k_moco) {args.queue_size} is not a multiple of the {per_step} keys "
-                     f"enqueued per step (global batch{' x 2, --symmetric' if args.symmetric else ''})")
-    bn_mode = (f"shuffle BN over {n_proc} processes" if n_proc > 1 else "permuted key batch") + \
-        (f", split BN in {splits} groups per process" if splits > 1 else "")
-    precision = args.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data ----
-    norm = common.normalization(args.norm, args.dataset)
-    augment = common.train_transform(args.crop_size, scale=(args.crop_min, 1.0), blur_p=args.blur_p, normalize=norm)
-    plain = common.eval_transform(norm, size=args.crop_size if args.dataset == "folder" else None)
-    try:
-        if not master:
-            dist.barrier()  # rank 0 downloads first; the others then find the files
-        train_set = common.subset(common.build_dataset(args.dataset, args.data_dir, "train"), args.subset)
-        memory_set = common.subset(common.build_dataset(args.dataset, args.data_dir, "train", plain), args.subset)
-        test_set = common.build_dataset(args.dataset, args.data_dir, "test", plain)
-    except OSError as err:  # missing data (FileNotFoundError) or an unreadable file
-        parser.error(str(err))
-    finally:
-        if master and n_proc > 1:
-            dist.barrier()
-    if test_set is None or common.num_classes(memory_set) == 0:
-        memory_set = test_set = None
-    if len(train_set) < args.batch_size:
-        parser.error(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
-    images = labels = gpu_augment = None
-    if args.gpu_aug:  # the uint8 images live on the device (CIFAR-10: 150 MB); the loader yields indices
-        try:
-            images, labels = (t.to(device) for t in common.images_as_tensor(train_set))
-        except ValueError as err:
-            parser.error(f"--gpu_aug: {err}")
-        gpu_augment = common.BatchedAugment(args.crop_size, scale=(args.crop_min, 1.0), blur_p=args.blur_p,
-                                            normalize=norm).to(device)
-        train_set = torch.utils.data.TensorDataset(torch.arange(len(images)))
-    else:
-        train_set = common.Views(train_set, augment)
-    sampler = DistributedSampler(train_set, n_proc, rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
-
-    # ---- model, optimizer, scaler (the key encoder has no gradient, so SGD leaves it alone) ----
-    model = MoCo(args, splits).to(
-        device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on GPUs
-    optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, **fused)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # ---- resume: weights, queue, ids and pointer (model buffers), optimizer, RNG (mixing draws) ----
-    start_epoch = 0
-    if ckpt is not None:
+        if ckpt is None:
+            return 0
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():  # a bf16/fp32 run saved a disabled scaler's empty state
+        if scaler.is_enabled() and ckpt["scaler"]:  # bf16 and fp32 runs save a disabled scaler
             scaler.load_state_dict(ckpt["scaler"])
-        if len(ckpt["rng"]) == n_proc:
-            torch.set_rng_state(ckpt["rng"][rank][0])
-            if device.type == "cuda" and ckpt["rng"][rank][1].numel():
-                torch.cuda.set_rng_state(ckpt["rng"][rank][1])
-        start_epoch = ckpt["epoch"]
-    # Only the queries need DDP; it syncs the parameters once, the buffers are synced here once (rank
-    # 0's random initial queue) and then stay identical: every rank enqueues the same gathered keys.
-    if n_proc > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False) if n_proc > 1 else model
-    if args.compile:  # the checkpoint saves `model`, never the compiled wrapper, so it loads either way
-        net = torch.compile(net)
+        torch.set_rng_state(ckpt["rng"][rank()][0])
+        if torch.cuda.is_available() and len(ckpt["rng"][rank()][1]):
+            torch.cuda.set_rng_state(ckpt["rng"][rank()][1])
+        return ckpt["epoch"]
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [str(err)]
+        parser.error(f"the checkpoint does not fit the model its arguments build: {detail[0]}")
 
-    # ---- output directory (checked before any compute) ----
-    metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.csv"), os.path.join(args.out_dir, "last.pt")
-    if master:
-        try:
-            os.makedirs(args.out_dir, exist_ok=True)
-            with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2, sort_keys=True)
-            rows = []
-            if ckpt is not None and os.path.exists(metrics_path):  # keep the rows the checkpoint covers
-                with open(metrics_path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
-            with open(metrics_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-        except OSError as err:
-            parser.error(f"cannot write to --out_dir {args.out_dir}: {err}")
-        n_cls = common.num_classes(memory_set) if memory_set is not None else 0
-        print(f"{SCRIPT}: {len(train_set)} images, {n_proc} process(es) x {batch}, {bn_mode}, K = {args.queue_size}"
-              f"{f' (K/C = {args.queue_size / n_cls:.0f})' if n_cls else ''}, "
-              f"{f'MoCHi N = {args.n_hard} (N/K = {args.n_hard / args.queue_size:.1%})' if args.n_hard else 'MoCo'}, "
-              f"{sum(p.numel() for p in model.query_parameters()) / 1e6:.2f}M parameters, {precision} on {device}")
 
-    def save(epoch):
-        state = {"script": SCRIPT, "args": vars(args), "epoch": epoch, "backbone": model.backbone.state_dict(),
-                 "head": {"layout": head_layout(model.projector), "state": model.projector.state_dict()},
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_states(), "world_size": n_proc, "bn_mode": bn_mode}
-        if master:
-            save_checkpoint(state, ckpt_path)
+def distribute(model, trained, args, device):
+    """All processes start from rank 0's state (weights, queues, banks); `trained`, the part with
+    gradients, runs under DDP with torchrun, compiled with --compile. Checkpoints save `model`."""
+    model.to(memory_format=torch.channels_last) if device.type == "cuda" else None
+    if world() > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0) if torch.is_tensor(t) else None
+        trained = nn.parallel.DistributedDataParallel(trained, [device.index] if device.type == "cuda"
+                                                      else None)
+    return torch.compile(trained) if args.compile else trained
 
-    def knn(row):
-        if memory_set is not None:
-            row["knn_top1"], row["knn_top5"] = knn_monitor(model.backbone, memory_set, test_set, args.knn_k,
-                                                           args.knn_t, batch, args.workers, device, dtype)
 
-    # ---- training loop ----
-    if args.epochs == 0 and ckpt is None:  # the untrained network: a baseline
-        row = {"epoch": 0}
-        knn(row)
-        if master:
-            write_metrics(metrics_path, row)
-            print(f"epoch 0 (untrained): kNN top-1 {row.get('knn_top1', float('nan')):.2f}")
-        save(0)
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        start = time.time()
-        loss, lr, stats, bad_step = train_one_epoch(net, model, loader, optimizer, scaler, args, epoch, device, dtype,
-                                                    images, gpu_augment)
-        if not math.isfinite(loss):
-            raise SystemExit(f"{SCRIPT}: error: non-finite loss at epoch {epoch + 1}, step {bad_step + 1} "
-                             f"(of this process); {ckpt_path} still holds epoch {epoch}")
-        seconds = time.time() - start
-        row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "epoch_seconds": seconds,
-               "images_per_sec": len(loader) * args.batch_size / seconds, **stats}
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            knn(row)
-        if master:
-            write_metrics(metrics_path, row)
-            print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} instance top-1 {stats['instance_top1']:.1f} "
-                  f"synthetic {stats['synthetic']} {row['images_per_sec']:.0f} img/s "
-                  f"kNN top-1 {row.get('knn_top1', float('nan')):.2f}")
-        save(epoch + 1)
-    if n_proc > 1:
-        dist.destroy_process_group()
+def head_layout(head):
+    """[name, kind, sizes...] of each Linear, BatchNorm1d and ReLU of a head: with the head's state
+    dict it rebuilds the head without this script (linear_eval.py, bound.py)."""
+    return [[n, "linear", m.in_features, m.out_features, m.bias is not None] if type(m) is nn.Linear
+            else [n, "relu"] if type(m) is nn.ReLU else [n, "bn", m.num_features, m.affine]
+            for n, m in head.named_children()]
+
+
+def end_epoch(args, row, history, state):
+    """A non-finite loss stops the run (last.pt keeps the last good epoch); else the row joins
+    metrics.csv, and rank 0 prints it and replaces last.pt atomically (temporary file, os.replace)."""
+    path = os.path.join(args.out_dir, "last.pt")
+    if not math.isfinite(row.get("loss", 0.0)):
+        if rank() == 0:
+            kept = f"{path} keeps epoch {history[-1]['epoch']}" if history else "no last.pt written"
+            print(f"non-finite loss in epoch {row['epoch']}; {kept}", file=sys.stderr)
+        sys.exit(1)
+    history.append(row)
+    rng = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else []]
+    rngs = [rng] * world()
+    dist.all_gather_object(rngs, rng) if world() > 1 else None  # every process's, for a resume
+    if rank() == 0:
+        with open(os.path.join(args.out_dir, "metrics.csv"), "w", newline="") as f:  # whole
+            writer = csv.DictWriter(f, list(dict.fromkeys(k for r in history for k in r)))
+            writer.writeheader()
+            writer.writerows({k: f"{v:.6g}" if type(v) is float else v for k, v in r.items()}
+                             for r in history)
+        print(" ".join(f"{k} {v:.4g}" if type(v) is float else f"{k} {v}" for k, v in row.items()))
+        torch.save({**state, "history": history, "rng": rngs}, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

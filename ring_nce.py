@@ -1,207 +1,197 @@
-"""Ring: conditional negatives ("rings" of semi-hard negatives) for IR, MoCo and CMC, in one file.
+"""Ring: conditional negatives (a ring of semi-hard negatives) for IR, MoCo and CMC, in one file.
 
-    python ring_nce.py --method moco --ring_lower 0.01 --ring_upper 0.1            # Ring-MoCo on CIFAR-10
-    python ring_nce.py --method moco --ring_lower 0 --ring_upper 1                 # MoCo (no ring)
-    python ring_nce.py --method ir --ring_lower 0.01 --ring_upper 0.1              # Ring-IR (0 1: IR)
-    python ring_nce.py --method cmc --ring_lower 0.01 --ring_upper 0.1 --ring_anneal linear
-    torchrun --standalone --nproc_per_node 4 ring_nce.py --method moco --ring_lower 0.01 --ring_upper 0.1
-    python ring_nce.py --dataset folder --data_dir DATA --width 8 --crop_size 16 --epochs 3   # CPU
+    python ring_nce.py --method ir --ring_lower 0.01 --ring_upper 0.1       # Ring-IR (0, 1: IR)
+    python ring_nce.py --method cmc --ring_lower 0.01 --ring_upper 0.1      # Ring-CMC (0, 1: CMC)
+    torchrun --standalone --nproc_per_node 4 ring_nce.py --ring_lower 0.01 --ring_upper 0.1
+    python ring_nce.py --dataset folder --data_dir DATA --width 8 --epochs 5   # MoCo on a CPU
 
-Paper: Wu, Mosse, Zhuang, Yamins and Goodman, "Conditional Negative Sampling for Contrastive
-Learning of Visual Representations" (ICLR 2021; code mhw32/contrastive-ring-public), applied to
-instance discrimination (IR, Wu et al. 2018), MoCo (He et al. 2020) and CMC (Tian et al. 2020).
+Wu et al., "Conditional Negative Sampling for Contrastive Learning of Visual Representations" (ICLR
+2021, code mhw32/contrastive-ring-public) on IR (Wu et al. 2018), MoCo (He et al. 2020) and CMC
+(Tian et al. 2020, code HobbitLong/CMC). An anchor q's positive k+ is the key of its other view
+(MoCo), its image's bank row (IR) or that row in the other view's bank (CMC: views L and ab of a
+Lab image); its candidates are the K rows of the queue or the bank, all L2-normalised. With s =
+q.c / t sorted most similar first, its ring is the ranks [floor(lower K), floor(upper K)), and
 
-q is an anchor (L2-normalised projection), k+ its positive, C a pool of K candidates (MoCo: the
-queue of past keys; IR, CMC: the memory bank, one vector per training image). With s = q.c / t
-sorted most similar first, the ring of q is the ranks [floor(lower K), floor(upper K)) and
+    loss = mean_i [ -s_i+ + logsumexp(s_i+, {s_ij : j in ring_i}) ]    (CMC: summed over its views)
 
-    loss = mean_i [ -s_i+ + logsumexp(s_i+, {s_ij : j in ring_i}) ]      (positive in the normaliser)
-
-lower = 0, upper = 1 is InfoNCE over the whole pool. MoCo keeps the whole ring; IR and CMC draw
---num_negatives ring members per anchor, uniformly with replacement (the original's NCERing; with
-0 1 this is IR's uniform draw from the bank). CMC: an L and an ab encoder (half width each) on
-Lab images, one bank per view, loss = l(L anchors vs ab bank) + l(ab anchors vs L bank). A bank
-row becomes normalize(m row + (1 - m) z) after its step: m = 0 for IR (the Ring code), 0.5 for CMC
-(CMC's code; with m = 0 CMC did not learn in the CPU check). The
-official thres_outer / thres_inner (dynamic inner) are upper = thres_outer and lower =
-thres_inner * thres_outer: its released 0.1 / 0.1 is --ring_lower 0.01 --ring_upper 0.1.
-Annealing moves upper from 1.0 to --ring_upper; lower keeps its ratio to upper (dynamic inner).
+MoCo keeps the whole ring, IR and CMC draw --num_negatives members with replacement; lower 0,
+upper 1 is the base method; the Ring code's thres_outer, thres_inner are upper = thres_outer,
+lower = thres_inner * thres_outer. After the step, the queue takes the keys and the bank rows of
+the batch become normalize(m row + (1 - m) z).
 """
 import argparse
 import copy
 import csv
+import datetime
 import json
 import math
 import os
+import re
+import sys
 import time
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import common
 
-SCRIPT = "ring_nce.py"
-MAY_CHANGE_ON_RESUME = {"epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision", "gpu_aug",
-                        "compile"}
-# CMC's Lab normalisation: the middle and half-range of each channel over the sRGB gamut.
-LAB_MEAN, LAB_STD = (50.0, 6.025, -6.6895), (50.0, 92.208, 101.1675)
+LAB_MEAN, LAB_STD = (50.0, 6.025, -6.6895), (50.0, 92.208, 101.1675)  # CMC's (train_CMC.py)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(prog=SCRIPT, description="Ring (conditional negative sampling) for IR, MoCo and CMC.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=common.DATASETS, help="folder: DATA_DIR/train/<class>/*")
-    g.add_argument("--data_dir", default="data", help="data root; torchvision data sets are downloaded here")
-    g.add_argument("--subset", type=int, default=0, help="train on N evenly spaced images (0: all)")
-    g.add_argument("--crop_size", type=int, default=32, help="random-resized-crop size (the original: 224)")
-    g.add_argument("--blur_p", type=float, default=0.0, help="probability of the Gaussian blur (none originally)")
-    g.add_argument("--norm", default="imagenet", choices=["auto", *common.NORMALIZATION],
-                   help="RGB normalisation (IR, MoCo); CMC uses Lab constants")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
-    g.add_argument("--gpu_aug", action="store_true", help="decode the images once, augment whole batches on the device")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=list(common.ARCHS), help="backbone")
-    g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 stride-1 conv, no max-pool")
-    g.add_argument("--width", type=int, default=64, help="base channels (CMC: L and ab encoders of width/2 each)")
-    g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's conv")
-    g.add_argument("--hidden_dim", type=int, default=512, help="hidden size of the head (Linear, ReLU, Linear)")
-    g.add_argument("--feature_dim", type=int, default=128, help="projection (loss) dimension")
-    g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True, help="SyncBatchNorm on GPUs")
+    p = Parser(prog="ring_nce.py", description="Ring (conditional negatives) on IR, MoCo and CMC.")
+    shared_flags(p, norm="imagenet", weight_decay=1e-4)
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="moco", choices=["ir", "moco", "cmc"], help="base method the ring applies to")
+    g.add_argument("--method", default="moco", choices=["ir", "moco", "cmc"], help="base method")
+    g.add_argument("--ring_lower", type=float, default=0.0, help="the ring's start: a fraction of "
+                   "the pool sorted most similar first (the Ring code's thres_inner * thres_outer)")
+    g.add_argument("--ring_upper", type=float, default=1.0, help="its end (thres_outer)")
     g.add_argument("--temperature", type=float, default=0.07, help="softmax temperature t")
-    g.add_argument("--ring_lower", type=float, default=0.0,
-                   help="ring start: fraction of the pool sorted most similar first (official thres_inner*thres_outer)")
-    g.add_argument("--ring_upper", type=float, default=1.0,
-                   help="ring end (official thres_outer); '--ring_lower 0 --ring_upper 1' is no ring")
-    g.add_argument("--ring_anneal", default="none", choices=["none", "linear", "step"],
-                   help="upper from 1.0 to --ring_upper: linearly, or in 10 equal steps, over --anneal_epochs")
-    g.add_argument("--anneal_epochs", type=int, default=100, help="epochs of the annealing (max_anneal_epoch)")
-    g.add_argument("--num_negatives", type=int, default=4096, help="IR, CMC: negatives drawn per anchor (replacement)")
-    g.add_argument("--bank_momentum", type=float, default=None,
-                   help="row <- normalize(m row + (1-m) z); default: IR 0 (the Ring code), CMC 0.5 (CMC's code)")
-    g.add_argument("--queue_size", "--k_moco", dest="queue_size", type=int, default=4096,
-                   help="MoCo queue K, a multiple of --batch_size (Ring-MoCo's original: 65536)")
-    g.add_argument("--moco_momentum", type=float, default=0.999, help="MoCo key-encoder EMA")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=200, help="total epochs (0: evaluate the untrained model)")
-    g.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch of images over all processes")
-    g.add_argument("--lr", type=float, default=0.03, help="SGD learning rate")
+    g.add_argument("--num_negatives", type=int, default=4096, help="IR, CMC: draws from the ring")
+    g.add_argument("--bank_momentum", type=float, help="bank rows' m (None: IR 0, CMC 0.5)")
+    g.add_argument("--queue_size", type=int, default=4096, help="MoCo's K (Ring-MoCo's: 65536)")
+    g.add_argument("--ema", type=float, default=0.999, help="MoCo's key-encoder momentum")
+    g.add_argument("--hidden_dim", type=int, default=512, help="hidden size of the head")
+    g.add_argument("--feature_dim", type=int, default=128, help="projection (loss) dimension")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--lr_steps", type=int, nargs="*", default=[136, 166], help="epochs where the lr is multiplied by 0.1")
-    g = p.add_argument_group("system and logging")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="backbone autocast")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (checkpoints load either way)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
-    g.add_argument("--out_dir", default="results/ring_nce", help="args.json, metrics.csv, last.pt")
-    g.add_argument("--resume", default="", help="continue from this last.pt up to --epochs")
-    g.add_argument("--knn_k", type=int, default=200, help="kNN monitor: neighbours")
-    g.add_argument("--knn_t", type=float, default=0.1, help="kNN monitor: temperature")
-    g.add_argument("--eval_every", type=int, default=1, help="kNN every N epochs (0: never)")
+    g.add_argument("--lr_steps", type=int, nargs="*", default=[136, 166],
+                   help="epochs where the lr drops x0.1 (the Ring code: 0.68 and 0.83 of 200)")
     return p
 
 
-def check_args(parser, a):
+def rules(a):
+    """The method's flag checks for setup: (condition, message) pairs. First sets the default
+    --bank_momentum: IR overwrites rows (the Ring code's m = 0), CMC moves them halfway (nce_m)."""
     if a.bank_momentum is None:
         a.bank_momentum = 0.5 if a.method == "cmc" else 0.0
-    finite = all(math.isfinite(v) for v in (a.lr, a.momentum, a.weight_decay, a.temperature, a.ring_lower,
-                                            a.ring_upper, a.bank_momentum, a.moco_momentum, a.knn_t, a.blur_p))
-    for ok, message in [
-            (finite, "--lr, --momentum, --weight_decay, --temperature, --ring_*, --*_momentum, --knn_t must be finite"),
-            (0 <= a.ring_lower <= 1 and 0 <= a.ring_upper <= 1,
-             f"--ring_lower and --ring_upper are fractions in [0, 1], got {a.ring_lower} and {a.ring_upper}"),
-            (a.ring_lower < a.ring_upper, f"--ring_lower {a.ring_lower} must be below --ring_upper {a.ring_upper}"),
-            (a.temperature > 0 and a.lr > 0 and min(a.momentum, a.weight_decay) >= 0,
-             "--temperature and --lr must be > 0, --momentum and --weight_decay >= 0"),
-            (0 <= a.bank_momentum < 1 and 0 <= a.moco_momentum <= 1,
-             "--bank_momentum in [0, 1), --moco_momentum in [0, 1]"),
-            (a.batch_size >= 1 and min(a.width, a.crop_size, a.hidden_dim, a.feature_dim) >= 1,
-             "--batch_size, --width, --crop_size, --hidden_dim and --feature_dim must be >= 1"),
-            (a.method != "cmc" or a.width % 2 == 0, f"--method cmc needs an even --width (two halves), got {a.width}"),
-            (min(a.num_negatives, a.queue_size, a.anneal_epochs) >= 1,
-             "--num_negatives, --queue_size, --anneal_epochs >= 1"),
-            (min(a.epochs, a.subset, a.workers, a.eval_every) >= 0, "--epochs, --subset, --workers, --eval_every >= 0"),
-            (a.knn_k >= 1 and a.knn_t > 0 and 0 <= a.blur_p <= 1, "--knn_k >= 1, --knn_t > 0, --blur_p in [0, 1]"),
+    cmc = a.method == "cmc"
+    return [(0 <= a.ring_lower < a.ring_upper <= 1, "need 0 <= --ring_lower < --ring_upper <= 1"),
+            (0 <= a.bank_momentum < 1, "need --bank_momentum in [0, 1)"),
+            (0 <= a.ema <= 1, "need --ema in [0, 1]"),
             (a.method != "moco" or a.queue_size % a.batch_size == 0,
-             f"--queue_size {a.queue_size} must be a multiple of --batch_size {a.batch_size}")]:
-        if not ok:
-            parser.error(message)
+             "--queue_size must be a multiple of --batch_size"),
+            (not cmc or a.width % 2 == 0, "--method cmc halves --width: make it even"),
+            (not cmc or (a.norm, a.blur_p) == ("imagenet", 0.0),
+             "--method cmc crops and flips only, on Lab input: no --norm, no --blur_p")]
 
 
-# ------------------------------------------------------------------------------------------------
-# Distributed helpers (the same in every training script; tests/test_copies.py keeps them so)
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# Model, loss and memory updates
+# -------------------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """(rank, world_size, device): under torchrun join the process group (NCCL on GPUs, gloo on
-    CPU); otherwise one process on cuda:0 or the CPU. The same code path serves both."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def world():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def encoder(args, channels=3, width=None):
+    """common.py's ResNet (its first conv taking `channels` inputs: CMC's L or ab) and the Ring
+    code's head d -> hidden -> ReLU -> feature_dim (resnet2.py's CustomResNet)."""
+    backbone = common.build_backbone(args.arch, args.stem, width or args.width, args.stem_padding)
+    if channels != 3:
+        c = backbone.conv1
+        backbone.conv1 = nn.Conv2d(channels, c.out_channels, c.kernel_size, c.stride, c.padding,
+                                   bias=False)
+        nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
+    head = nn.Sequential(nn.Linear(backbone.out_dim, args.hidden_dim), nn.ReLU(),
+                         nn.Linear(args.hidden_dim, args.feature_dim))
+    return nn.Sequential(OrderedDict(backbone=backbone, head=head))
 
 
-def is_master():
-    return world() == 1 or dist.get_rank() == 0
+class Split(nn.Module):
+    """CMC's views of a Lab image: channel L to `l`, channels ab to `ab`; outputs side by side."""
+
+    def __init__(self, l, ab):
+        super().__init__()
+        self.l, self.ab = l, ab
+
+    def forward(self, x):
+        return torch.cat([self.l(x[:, :1]), self.ab(x[:, 1:])], dim=1)
 
 
-class GatherLayer(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient and returns this rank's slice: the
-    other ranks' anchors then push on this rank's embeddings, as in one process."""
+class Ring(nn.Module):
+    """The trained encoder_q (CMC: L and ab encoders of half --width) and the pools, as buffers:
+    MoCo's encoder_k, queue [K, D] of unit keys, their image ids (-1: the random start) and next
+    row; IR's and CMC's bank [N, views, D] (uniform in a cube, L2-normalised: memory.py)."""
 
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grad = torch.stack(grads)
-        dist.all_reduce(grad)
-        return grad[dist.get_rank()]
-
-
-def gather_with_grad(x):
-    """Rows of every rank concatenated in rank order, with gradient; x itself in one process."""
-    return x if world() == 1 else torch.cat(GatherLayer.apply(x))
+    def __init__(self, args, num_images):
+        super().__init__()
+        d, K, half = args.feature_dim, args.queue_size, args.width // 2
+        self.encoder_q = Split(encoder(args, 1, half), encoder(args, 2, half)) \
+            if args.method == "cmc" else encoder(args)
+        if args.method == "moco":
+            self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+            self.register_buffer("queue", F.normalize(torch.randn(K, d), dim=1))
+            self.register_buffer("queue_ids", torch.full((K,), -1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        else:  # one row per image and view (IR 1, CMC 2)
+            views = 2 if args.method == "cmc" else 1
+            self.register_buffer("bank", F.normalize(torch.rand(num_images, views, d) - 0.5, dim=2))
 
 
-@torch.no_grad()
-def concat_all_gather(x):
-    """Rows of every rank concatenated in rank order, without gradient (labels, queues, banks)."""
-    if world() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+def export(e):
+    """(backbone, head) of encoder_q e for last.pt. CMC's: one common.py ResNet of --width on the
+    Lab channels, features [L, ab] (the paper's evaluation), its head likewise: the L and ab
+    networks side by side (their weights block-diagonal, their vectors concatenated)."""
+    def both(a, b):
+        return {n: x.clone() if x.dim() == 0 else torch.cat([x, b[n]]) if x.dim() == 1 else
+                torch.cat([F.pad(x, [0, 0] * (x.dim() - 2) + [0, b[n].shape[1]]),
+                           F.pad(b[n], [0, 0] * (x.dim() - 2) + [x.shape[1], 0])])
+                for n, x in a.items()}
+
+    if not isinstance(e, Split):
+        return e.backbone.state_dict(), {"layout": head_layout(e.head),
+                                         "state": e.head.state_dict()}
+    layout = [[n, kind, *[2 * s for s in sizes[:2]], *sizes[2:]]
+              for n, kind, *sizes in head_layout(e.l.head)]
+    return both(e.l.backbone.state_dict(), e.ab.backbone.state_dict()), {
+        "layout": layout, "state": both(e.l.head.state_dict(), e.ab.head.state_dict())}
 
 
-# ------------------------------------------------------------------------------------------------
-# Data: one view per image (IR, CMC) and the Lab colour space (CMC)
-# ------------------------------------------------------------------------------------------------
+def ring_bounds(size, lower, upper):
+    """Ranks [lo, hi) of the ring among `size` candidates; int() as the Ring code (K 64: [0, 6))."""
+    lo, hi = math.floor(lower * size), math.floor(upper * size)
+    if not (0 <= lower < upper <= 1 and lo < hi):
+        raise ValueError(f"no ring [{lower}, {upper}) of {size} candidates (ranks [{lo}, {hi}))")
+    return lo, hi
+
+
+def ring_nce_terms(q, k, candidates, temperature=0.07, lower=0.0, upper=1.0, draws=None):
+    """(loss [B], (logits, pool rows) of the negatives [B, n], (logits, rows) of ranks [0, lo)):
+    q, k [B, D], candidates [K, D], float32 (float64 inputs: float64) outside autocast. The ring
+    comes from topk (no full sort; without a ring the pool keeps its order); `draws` [B, n] are
+    positions in it (IR, CMC); None keeps it whole (MoCo)."""
+    if q.dim() != 2 or q.shape != k.shape or candidates.shape[1:] != q.shape[1:] \
+            or not temperature > 0:
+        raise ValueError(f"need q, k [B, D], candidates [K, D], temperature > 0; got "
+                         f"{[tuple(x.shape) for x in (q, k, candidates)]}, {temperature}")
+    (lo, hi), K = ring_bounds(len(candidates), lower, upper), len(candidates)
+    with torch.autocast(q.device.type, enabled=False):
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k = F.normalize(q.to(dtype), dim=1), F.normalize(k.to(dtype), dim=1)          # [B, D]
+        pos = (q * k).sum(dim=1) / temperature                                             # [B]
+        logits = q @ F.normalize(candidates.to(dtype), dim=1).T / temperature             # [B, K]
+        rows = torch.arange(K, device=q.device).expand_as(logits)                          # [B, K]
+        logits, rows = logits.topk(hi, dim=1) if (lo, hi) != (0, K) else (logits, rows)    # [B, hi]
+        ring, ring_rows = logits[:, lo:], rows[:, lo:]                                     # [B, R]
+        if draws is not None:
+            ring, ring_rows = ring.gather(1, draws), ring_rows.gather(1, draws)             # [B, n]
+        loss = torch.cat([pos[:, None], ring], dim=1).logsumexp(dim=1) - pos               # [B]
+    return loss, (ring.detach(), ring_rows), (logits[:, :lo].detach(), rows[:, :lo])
+
+
+def ring_nce_loss(q, k, candidates, temperature=0.07, lower=0.0, upper=1.0, draws=None):
+    """The Ring code's MoCoRing (MoCo at 0, 1), with `draws` its NCERing (IR's NCE at 0, 1)."""
+    return ring_nce_terms(q, k, candidates, temperature, lower, upper, draws)[0].mean()
+
 
 def rgb_to_lab(rgb):
     """CIE L*a*b* (D65 white) of sRGB values in [0, 1], channels at dim -3 (skimage's rgb2lab):
     L in [0, 100], a in [-86.2, 98.2], b in [-107.9, 94.5] over the sRGB gamut."""
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     xyz_from_rgb = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                                 [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
+                                 [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype,
+                                device=rgb.device)
     white = torch.tensor([0.95047, 1.0, 1.08883], dtype=rgb.dtype, device=rgb.device)
     xyz = torch.einsum("ij,...jhw->...ihw", xyz_from_rgb / white[:, None], linear)
     f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
@@ -209,583 +199,459 @@ def rgb_to_lab(rgb):
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
 
 
-class ToLab:
-    """The image as normalised Lab channels [3, H, W]: CMC's L view is channel 0, its ab view 1-2."""
-
-    def __init__(self, transform):
-        self.transform = transform  # ends with ToTensor, no normalisation: RGB in [0, 1]
-
-    def __call__(self, img):
-        lab = rgb_to_lab(self.transform(img))
-        return (lab - torch.tensor(LAB_MEAN)[:, None, None]) / torch.tensor(LAB_STD)[:, None, None]
-
-
-# ------------------------------------------------------------------------------------------------
-# Model: encoders, memory bank or queue as buffers
-# ------------------------------------------------------------------------------------------------
-
-def make_head(d, h, k):
-    """The Ring code's head, always built: Linear d -> h, ReLU, Linear h -> k."""
-    return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, k))
-
-
-class Encoder(nn.Module):
-    """common.py's ResNet and the head; for CMC's L (1 channel) and ab (2 channels) inputs the
-    stem's conv is replaced by one with that many input channels."""
-
-    def __init__(self, args, in_channels=3, width=None):
-        super().__init__()
-        self.backbone = common.build_backbone(args.arch, args.stem, width or args.width, args.stem_padding)
-        if in_channels != 3:
-            c = self.backbone.conv1
-            self.backbone.conv1 = nn.Conv2d(in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=False)
-            nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.projector = make_head(self.backbone.out_dim, args.hidden_dim, args.feature_dim)
-
-    def forward(self, x):
-        return self.projector(self.backbone(x))
-
-
-class CMCEncoder(nn.Module):
-    """CMC's two encoders of half the width: L = channel 0 and ab = channels 1-2 of a Lab image."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.l, self.ab = Encoder(args, 1, args.width // 2), Encoder(args, 2, args.width // 2)
-
-    def forward(self, x):
-        return self.l(x[:, :1]), self.ab(x[:, 1:])
-
-
-class RingModel(nn.Module):
-    """The trained encoder (what DDP wraps) and the candidate pools, as buffers: MoCo's key encoder,
-    queue of normalised keys and pointer; IR's bank (N rows); CMC's L bank and ab bank."""
-
-    def __init__(self, args, num_images):
-        super().__init__()
-        self.encoder = CMCEncoder(args) if args.method == "cmc" else Encoder(args)
-        d = args.feature_dim
-        if args.method == "moco":
-            self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-            self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, d), dim=1))
-            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        else:  # the original's bank: uniform in a cube, normalised
-            self.register_buffer("bank", F.normalize(torch.rand(num_images, d) * 2 - 1, dim=1))
-            if args.method == "cmc":
-                self.register_buffer("bank_ab", F.normalize(torch.rand(num_images, d) * 2 - 1, dim=1))
-
-
-def head_layout(head):
-    """[name, kind, sizes...] per layer of a Linear/BatchNorm1d/ReLU head: with the head's state
-    dict it rebuilds the head without this script (linear_eval.py, bound.py)."""
-    layout = []
-    for name, m in head.named_children():
-        if isinstance(m, nn.Linear):
-            layout.append([name, "linear", m.in_features, m.out_features, m.bias is not None])
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            layout.append([name, "bn", m.num_features, m.affine])
-        elif isinstance(m, nn.ReLU):
-            layout.append([name, "relu"])
-        else:
-            raise TypeError(f"head_layout cannot describe {type(m).__name__}")
-    return layout
-
-
-def side_by_side(a, b):
-    """Two state dicts of one network built at two widths -> the state of that network at the summed
-    width with both inside: weights block-diagonal, per-channel vectors concatenated. Convolutions,
-    BatchNorm, ReLU, residual sums and pooling act per channel group, so on the concatenated inputs
-    it returns the concatenated outputs."""
-    out = {}
-    for name, x in a.items():
-        y = b[name]
-        if x.dim() == 0:  # num_batches_tracked
-            out[name] = x.clone()
-        elif x.dim() == 1:
-            out[name] = torch.cat([x, y])
-        else:
-            w = x.new_zeros(x.shape[0] + y.shape[0], x.shape[1] + y.shape[1], *x.shape[2:])
-            w[:x.shape[0], :x.shape[1]], w[x.shape[0]:, x.shape[1]:] = x, y
-            out[name] = w
-    return out
-
-
-def export(model, args):
-    """(backbone state, head) of the checkpoint. CMC: the L and ab networks side by side in one
-    common.py ResNet of --width that takes the 3 normalised Lab channels and returns [L, ab] features
-    concatenated (the paper's CMC evaluation), and their heads side by side likewise."""
-    enc = model.encoder
-    if args.method != "cmc":
-        return enc.backbone.state_dict(), {"layout": head_layout(enc.projector), "state": enc.projector.state_dict()}
-    head = make_head(2 * enc.l.backbone.out_dim, 2 * args.hidden_dim, 2 * args.feature_dim)
-    head_state = side_by_side(enc.l.projector.state_dict(), enc.ab.projector.state_dict())
-    return side_by_side(enc.l.backbone.state_dict(), enc.ab.backbone.state_dict()), {"layout": head_layout(head),
-                                                                                   "state": head_state}
-
-
-# ------------------------------------------------------------------------------------------------
-# Loss and pool updates
-# ------------------------------------------------------------------------------------------------
-
-def ring_bounds(size, lower, upper):
-    """Ranks [lo, hi) of the ring among `size` candidates sorted most similar first."""
-    if not (0 <= lower < upper <= 1):
-        raise ValueError(f"need 0 <= lower < upper <= 1, got lower={lower}, upper={upper}")
-    lo, hi = math.floor(lower * size), math.floor(upper * size)
-    if hi <= lo:
-        raise ValueError(f"the ring [{lower}, {upper}) of {size} candidates is empty (ranks [{lo}, {hi}))")
-    return lo, hi
-
-
-def ring_logits(q, k, candidates, temperature, lower, upper):
-    """(s+ [B], ring [B, hi - lo]) in float32 (float64 for float64 inputs) outside autocast. The ring
-    comes from topk (no full sort), most similar first; lower = 0, upper = 1 keeps the pool's order."""
-    if q.dim() != 2 or q.shape != k.shape or candidates.dim() != 2 or candidates.shape[1] != q.shape[1]:
-        raise ValueError(f"need q, k [B, D] and candidates [K, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(candidates.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    lo, hi = ring_bounds(candidates.shape[0], lower, upper)
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        q = F.normalize(q.to(dtype), dim=1)                                    # [B, D]
-        k = F.normalize(k.to(dtype), dim=1)                                    # [B, D]
-        pool = F.normalize(candidates.to(dtype), dim=1)                        # [K, D]
-        pos = (q * k).sum(dim=1) / temperature                                 # [B]
-        sims = q @ pool.T / temperature                                        # [B, K]
-        if lo > 0 or hi < pool.shape[0]:
-            sims = sims.topk(hi, dim=1).values[:, lo:]                         # [B, hi - lo], hardest first
-    return pos, sims
-
-
-def ring_nce_loss(q, k, candidates, temperature=0.07, lower=0.0, upper=1.0):
-    """Ring-MoCo (the original's MoCoRing): mean cross-entropy of [q.k, q.ring^T] / t, positive as
-    class 0, the whole ring as negatives; lower = 0, upper = 1 is InfoNCE (MoCo)."""
-    pos, ring = ring_logits(q, k, candidates, temperature, lower, upper)      # [B], [B, R]
-    return (torch.logsumexp(torch.cat([pos[:, None], ring], dim=1), dim=1) - pos).mean()
-
-
-def sampled_ring_nce_loss(q, k, candidates, temperature=0.07, lower=0.0, upper=1.0, num_negatives=4096,
-                          generator=None):
-    """Ring-IR (the original's NCERing): like ring_nce_loss, with num_negatives ring members per
-    anchor drawn uniformly with replacement; lower = 0, upper = 1 is IR's uniform draw from the bank."""
-    pos, ring = ring_logits(q, k, candidates, temperature, lower, upper)      # [B], [B, R]
-    pick = torch.randint(0, ring.shape[1], (ring.shape[0], num_negatives), device=ring.device, generator=generator)
-    neg = ring.gather(1, pick)                                                 # [B, n]
-    return (torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos).mean()
-
-
-@torch.no_grad()
-def update_bank(bank, index, z, momentum):
-    """Rows `index` of every process <- normalize(m old + (1 - m) normalize(z)), in place, so that
-    every process keeps an identical bank (the sampler gives disjoint indices)."""
-    index, z = concat_all_gather(index), concat_all_gather(F.normalize(z.float(), dim=1))
-    bank[index] = F.normalize(momentum * bank[index] + (1 - momentum) * z, dim=1)
-
-
-@torch.no_grad()
-def enqueue(queue, ptr, keys):
-    """Every process's normalised keys replace the oldest rows of the queue (FIFO), in place."""
-    keys = concat_all_gather(F.normalize(keys.float(), dim=1))
-    start = int(ptr)
-    queue[start:start + keys.shape[0]] = keys
-    ptr.fill_((start + keys.shape[0]) % queue.shape[0])
-
-
-@torch.no_grad()
-def momentum_update(encoder, key_encoder, m):
-    for p, p_key in zip(encoder.parameters(), key_encoder.parameters()):
-        p_key.mul_(m).add_(p.detach(), alpha=1 - m)
+def lab_input(rgb):
+    """CMC's input: Lab of images in [0, 1] [b, 3, H, W], normalised with CMC's constants."""
+    mean, std = (torch.tensor(v, device=rgb.device)[:, None, None] for v in (LAB_MEAN, LAB_STD))
+    return (rgb_to_lab(rgb) - mean) / std
 
 
 @torch.no_grad()
 def shuffled_keys(key_encoder, x):
-    """MoCo's ShuffleBN under torchrun: the key encoder sees a batch mixed across processes, so its
-    BatchNorm statistics cannot tell which key belongs to which query. One process: no shuffle."""
-    if world() == 1:
-        return key_encoder(x)
-    x_all = concat_all_gather(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(perm, 0)
-    b, rank = x.shape[0], dist.get_rank()
-    keys = concat_all_gather(key_encoder(x_all[perm[rank * b:(rank + 1) * b]]))
-    return keys[torch.argsort(perm)][rank * b:(rank + 1) * b]
+    """builder.py's _batch_shuffle_ddp and _batch_unshuffle_ddp: the key encoder sees the key
+    images of every process in rank 0's random order, this process a slice of them, and each key
+    goes back to its image, so BatchNorm cannot pair a key with its query. In one process the
+    order matters only to split BN (moco_mochi.py); with plain BN it changes nothing (the Ring
+    code's one-GPU shuffle_bn)."""
+    x_all = gather(x)                                                                # [B, ...]
+    perm = torch.randperm(len(x_all), device=x.device)                               # [B]
+    dist.broadcast(perm, 0) if world() > 1 else None
+    keys = gather(key_encoder(x_all[perm.view(world(), -1)[rank()]]))                # [B, D]
+    return keys[perm.argsort().view(world(), -1)[rank()]]                            # [b, D]
 
 
-def ring_fractions(args, epoch):
-    """(lower, upper) of an epoch. Annealing moves upper from 1.0 to --ring_upper (linear: over
-    --anneal_epochs; step: 10 plateaus of anneal_epochs/10 epochs); lower keeps its ratio to upper."""
-    if args.ring_anneal == "none":
-        return args.ring_lower, args.ring_upper
-    if args.ring_anneal == "linear":
-        done = min(epoch / args.anneal_epochs, 1.0)
-    else:
-        done = min(epoch // max(args.anneal_epochs // 10, 1), 9) / 9
-    if done >= 1:
-        return args.ring_lower, args.ring_upper
-    upper = 1.0 - (1.0 - args.ring_upper) * done
-    return args.ring_lower * upper / args.ring_upper, upper
+@torch.no_grad()
+def enqueue(model, keys, ids):
+    """builder.py's _dequeue_and_enqueue: every process's unit keys and image ids replace the
+    oldest rows of the queue, alike on every process."""
+    keys, ids = gather(F.normalize(keys.to(model.queue.dtype), dim=1)), gather(ids)  # [B, D], [B]
+    rows = (model.queue_ptr + torch.arange(len(ids), device=ids.device)) % len(model.queue)
+    model.queue[rows], model.queue_ids[rows] = keys, ids
+    model.queue_ptr.copy_((model.queue_ptr + len(ids)) % len(model.queue))
 
 
-# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def update_bank(bank, ids, z, m):
+    """Rows ids of every process <- normalize(m row + (1 - m) normalize(z)), z [b, views, D], alike
+    on every process (disjoint ids): instdisc.py's updated_new_data_memory, CMC's NCEAverage."""
+    ids, z = gather(ids), gather(F.normalize(z.to(bank.dtype), dim=2))         # [B], [B, views, D]
+    bank[ids] = F.normalize(m * bank[ids] + (1 - m) * z, dim=2)
+
+
+# -------------------------------------------------------------------------------------------------
 # Training
-# ------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
-def batch_loss(net, model, batch, args, lower, upper, device, dtype):
-    """Loss of one batch (float32, outside autocast) and what update_pools writes after the optimizer
-    step: the loss sees the bank or queue as it was before this batch."""
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+def make_optimizer(model, args, device):
+    """SGD on encoder_q (the Ring code's configure_optimizers), fused on GPUs."""
+    return torch.optim.SGD(model.encoder_q.parameters(), args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
+
+
+def train_step(net, model, optimizer, scaler, views, ids, classes, args, dtype):
+    """One step on fixed views [b, C, H, W] (MoCo: 2, IR and CMC: 1) of the training images ids
+    [b] (their bank rows); classes [N]: every training image's class (-1: unknown). Forward per
+    view, the loss against the pools as they were (float32), the optimizer step, then the memory
+    update. torch's RNG draws the ring positions (IR, CMC) and the key permutation (MoCo).
+    Returns the loss and the negatives monitor per anchor (CMC: L anchors, then ab), detached."""
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype is not None):
+        z = net(views[0])                                                   # [b, D] (CMC: [b, 2D])
         if args.method == "moco":
-            x1, x2, _, _ = batch
-            q = net(x1.to(device, non_blocking=True))                          # [b, d]
-            with torch.no_grad():
-                momentum_update(model.encoder, model.key_encoder, args.moco_momentum)
-                k = shuffled_keys(model.key_encoder, x2.to(device, non_blocking=True))  # [b, d]
-        else:
-            x, _, index = batch
-            z = net(x.to(device, non_blocking=True))                           # [b, d] or ([b, d], [b, d])
-            index = index.to(device)
-    t, n = args.temperature, args.num_negatives
+            with torch.no_grad():  # builder.py: the momentum update, then the keys
+                for pk, pq in zip(model.encoder_k.parameters(), model.encoder_q.parameters()):
+                    pk.mul_(args.ema).add_(pq.detach(), alpha=1 - args.ema)
+                k = shuffled_keys(model.encoder_k, views[1])                              # [b, D]
     if args.method == "moco":
-        return ring_nce_loss(q, k, model.queue, t, lower, upper), k.detach()
-    if args.method == "ir":  # the positive: the image's own bank row, written at its previous visit
-        return sampled_ring_nce_loss(z, model.bank[index], model.bank, t, lower, upper, n), (index, z.detach())
-    zl, zab = z  # CMC: each view's anchors against the other view's bank
-    loss = (sampled_ring_nce_loss(zl, model.bank_ab[index], model.bank_ab, t, lower, upper, n)
-            + sampled_ring_nce_loss(zab, model.bank[index], model.bank, t, lower, upper, n))
-    return loss, (index, zl.detach(), zab.detach())
-
-
-def update_pools(model, new, args):
+        pairs, draws = [(z, k, model.queue)], None
+        pool_classes = torch.where(model.queue_ids >= 0, classes[model.queue_ids], -1)   # [K]
+    else:  # view v's anchors against the bank of the other view (CMC: L and ab), IR's its own
+        z, bank = z.view(len(ids), -1, args.feature_dim), model.bank               # [b, views, D]
+        pairs = [(z[:, v], bank[ids, -1 - v], bank[:, -1 - v]) for v in range(z.shape[1])]
+        lo, hi = ring_bounds(len(bank), args.ring_lower, args.ring_upper)
+        draws = torch.randint(0, hi - lo, (len(ids), args.num_negatives), device=ids.device)
+        pool_classes = classes  # draws: with replacement, the same for CMC's views (NCEAverage)
+    terms = [ring_nce_terms(*pair, args.temperature, args.ring_lower, args.ring_upper, draws)
+             for pair in pairs]
+    loss = sum(t[0].mean() for t in terms)
+    stats = ring_monitor(terms, classes[ids], pool_classes)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     if args.method == "moco":
-        enqueue(model.queue, model.queue_ptr, new)
-    elif args.method == "ir":
-        update_bank(model.bank, new[0], new[1], args.bank_momentum)
+        enqueue(model, k, ids)
     else:
-        update_bank(model.bank, new[0], new[1], args.bank_momentum)
-        update_bank(model.bank_ab, new[0], new[2], args.bank_momentum)
+        update_bank(model.bank, ids, z, args.bank_momentum)
+    return {"loss": loss.detach(), **stats}
 
 
-def train_one_epoch(net, model, loader, optimizer, scaler, args, epoch, lower, upper, device, dtype, images=None,
-                    labels=None, augment=None):
-    """One pass over `loader`: returns (mean loss, lr, first non-finite step or -1).
-    With `augment` (--gpu_aug) the loader yields image indices; the views are made here, on the device."""
-    net.train()
+@torch.no_grad()
+def ring_monitor(terms, labels, pool_classes):
+    """fn_rate, fn_rate_hard over the negatives the loss contrasts (the ring or its draws), and
+    fn_rate_above over the ranks [0, lo) the ring leaves out above it (NaN when lo = 0)."""
+    rates = []
+    for _, (ring, rows), (above, above_rows) in terms:
+        rates.append(negative_rates(ring, torch.ones_like(ring, dtype=torch.bool), labels,
+                                    pool_classes[rows]))
+        rates[-1]["fn_rate_above"] = negative_rates(
+            above, torch.ones_like(above, dtype=torch.bool), labels, pool_classes[above_rows]
+        )["fn_rate"] if above.shape[1] else torch.full(labels.shape, math.nan, device=labels.device)
+    return {name: torch.cat([r[name] for r in rates]) for name in rates[0]}
+
+
+def train_one_epoch(net, model, data, optimizer, scaler, args, epoch, device, dtype):
+    """One pass: the epoch's lr (x0.1 at each of --lr_steps: the Ring code's MoCoLRScheduler), each
+    step's views and train_step. Returns the epoch's statistics."""
+    model.train()  # encoder_k too: its keys use batch statistics, as in MoCo
     lr = args.lr * 0.1 ** sum(epoch >= s for s in args.lr_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    steps = len(loader)
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    first_bad = torch.full((), -1, device=device)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False) if is_master() else None
-    for step, batch in enumerate(loader):
-        if augment is not None:  # the batch batch_loss expects: (view, [view,] label, index)
-            ids = batch[-1].to(device, non_blocking=True)
-            batch = (*[augment(images[ids]) for _ in range(2 if args.method == "moco" else 1)], labels[ids], ids)
-        loss, new = batch_loss(net, model, batch, args, lower, upper, device, dtype)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        update_pools(model, new, args)
-        total += loss.detach().double()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{total.item() / (step + 1):.4f}")
-    if bar is not None:
-        bar.close()
-    if world() > 1:
-        dist.all_reduce(total)  # a non-finite loss on any rank shows on every rank, so all stop together
-    return total.item() / (steps * world()), lr, int(first_bad)
+    steps = []
+    for batch in batches(data, epoch):
+        views, _, ids = common.batch_views(batch, data, device)
+        steps.append(train_step(net, model, optimizer, scaler, views, ids, data.labels, args,
+                                dtype))
+    return {**epoch_stats(steps), "lr": lr}
 
-
-# ------------------------------------------------------------------------------------------------
-# kNN monitor, checkpoints (the same in every training script)
-# ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def knn_monitor(backbone, memory_set, test_set, k, t, batch_size, workers, device, dtype):
-    """kNN top-1/top-5 (%) on `test_set` with `memory_set` as the bank: cosine similarity, the k
-    nearest vote with weight exp(sim / t) (Wu et al. 2018). Every process embeds every world-th
-    image; the bank is gathered and the counts summed, so every process returns the same numbers."""
-    rank, n_proc = (dist.get_rank(), world()) if world() > 1 else (0, 1)
-    backbone.eval()
-
-    def embed(dataset):
-        part = Subset(dataset, range(rank, len(dataset), n_proc))
-        feats, labels = [torch.zeros(0, backbone.out_dim, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
-        for x, y in DataLoader(part, batch_size=batch_size, num_workers=workers):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
-            labels.append(y.to(device))
-        feats, labels = torch.cat(feats), torch.cat(labels)
-        rows = -(-len(dataset) // n_proc)  # pad to equal size for all_gather; label -1 marks padding
-        pad = rows - feats.shape[0]
-        return torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]), torch.cat([labels, labels.new_full((pad,), -1)])
-
-    bank, bank_labels = embed(memory_set)
-    bank, bank_labels = concat_all_gather(bank), concat_all_gather(bank_labels)
-    bank, bank_labels = bank[bank_labels >= 0], bank_labels[bank_labels >= 0]
-    feats, labels = embed(test_set)
-    classes = int(bank_labels.max()) + 1
-    sim, idx = (feats @ bank.T).topk(min(k, bank.shape[0]), dim=1)                 # [n, k]
-    votes = torch.zeros(feats.shape[0], classes, device=device).scatter_add_(1, bank_labels[idx], (sim / t).exp())
-    ranked = votes.argsort(dim=1, descending=True)
-    hits = (ranked[:, :5] == labels[:, None]) & (labels[:, None] >= 0)
-    counts = torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum(), (labels >= 0).sum()]).double()
-    if n_proc > 1:
-        dist.all_reduce(counts)
-    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
-
-
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, then os.replace: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, script, parser):
-    """torch.load(weights_only=True); a missing, junk or foreign file is a one-line error (exit 2)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # missing, truncated, not a checkpoint, or holding unsafe objects
-        parser.error(f"cannot read checkpoint {path}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        parser.error(f"{path} is not a checkpoint of {script}")
-    return ckpt
-
-
-def resumed_args(parser, argv, args, ckpt):
-    """The checkpoint's arguments, except the flags of MAY_CHANGE_ON_RESUME given on the command
-    line; any other flag given with a different value is an error (the run would not be the one asked for)."""
-    for action in parser._actions:  # parse again with no defaults: only the flags given remain
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    merged = {**vars(args), **ckpt["args"]}
-    for name, value in given.items():
-        if name in MAY_CHANGE_ON_RESUME:
-            merged[name] = value
-        elif value != merged[name]:
-            parser.error(f"--{name} {value} differs from the checkpoint's {merged[name]}; a resumed run keeps its "
-                         f"settings (only --{', --'.join(sorted(MAY_CHANGE_ON_RESUME))} may change)")
-    if "out_dir" not in given:
-        merged["out_dir"] = os.path.dirname(os.path.abspath(args.resume))
-    return argparse.Namespace(**merged)
-
-
-def rng_states():
-    """Every process's torch RNG states (CPU and CUDA), in rank order, for an exact resume."""
-    state = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)]
-    if world() == 1:
-        return [state]
-    states = [None] * world()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def write_metrics(path, row, columns):
-    """Append one row to metrics.csv (header first): epoch, loss, lr, images_per_sec, epoch_seconds,
-    knn_top1, knn_top5 (%), then ring_lower, ring_upper (the epoch's fractions), ring_size (number
-    of pool members in each anchor's ring) and negatives (per anchor: the ring, or the draws)."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        if new:
-            writer.writeheader()
-        writer.writerow({c: (f"{row[c]:.6g}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns})
-
-
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, SCRIPT, parser)
-        args = resumed_args(parser, argv, args, ckpt)
+    args, ckpt, device, dtype = setup(parser, argv, rules)
+    history = ckpt["history"] if ckpt else []
+    cmc, moco = args.method == "cmc", args.method == "moco"
 
-    # ---- processes, precision, seeds ----
-    rank, n_proc, device = setup_distributed()
-    master = rank == 0
-    if args.batch_size % n_proc:
-        parser.error(f"--batch_size {args.batch_size} (global) must split evenly into {n_proc} processes")
-    batch = args.batch_size // n_proc
-    precision = args.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data: CMC sees Lab images (crop and flip only), IR and MoCo the original's augmentation ----
-    size = args.crop_size if args.dataset == "folder" else None
-    if args.method == "cmc":
-        augment = ToLab(common.train_transform(args.crop_size, (0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
-                                               normalize=None))
-        plain = ToLab(common.eval_transform(None, size))
+    # ---- data: the Ring code's augmentation; CMC's crop and flip, then Lab on the device ----
+    recipe = {"scale": (0.2, 1.0), "blur_p": args.blur_p, **(
+        {"jitter_p": 0.0, "grayscale_p": 0.0, "normalize": None} if cmc else
+        {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_p": 1.0, "grayscale_p": 0.2,
+         "normalize": common.normalization(args.norm, args.dataset)})}
+    data = load_data(args, parser, device, recipe, 2 if moco else 1,
+                     to_input=lab_input if cmc else None)
+    try:  # the ring must hold candidates: of the queue, or of the bank (a row per image)
+        ring_bounds(args.queue_size if moco else len(data.train), args.ring_lower, args.ring_upper)
+    except ValueError as err:
+        parser.error(f"--ring_lower, --ring_upper: {err}")
+    if cmc:  # what an evaluation needs to rebuild the input
         args.input_space, args.lab_mean, args.lab_std = "lab", list(LAB_MEAN), list(LAB_STD)
-    else:
-        norm = common.normalization(args.norm, args.dataset)
-        augment = common.train_transform(args.crop_size, (0.2, 1.0), (0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
-                                         grayscale_p=0.2, blur_p=args.blur_p, normalize=norm)
-        plain = common.eval_transform(norm, size)
+
+    # ---- model (MoCo: shuffle BN, as MoCo; else SyncBN), optimizer, scaler; resume ----
+    model = Ring(args, len(data.train)).to(device)
+    if world() > 1 and device.type == "cuda" and not moco:
+        model.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start = restore(ckpt, model, optimizer, scaler, parser)
+    net = distribute(model, model.encoder_q, args, device)
+    e = model.encoder_q
+    backbone = Split(e.l.backbone, e.ab.backbone) if cmc else e.backbone  # for the kNN monitor
+
+    def state(epoch):
+        return {"script": parser.prog, "args": vars(args), "epoch": epoch,
+                **dict(zip(["backbone", "head"], export(e))), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+
+    # ---- training: a row of metrics.csv and last.pt per epoch (--epochs 0: the untrained net) ----
+    if args.epochs == 0:
+        end_epoch(args, {"epoch": 0, **knn_monitor(backbone, data, args, device, dtype)},
+                  history, state(0))
+    for epoch in range(start, args.epochs):
+        start_time = time.time()
+        row = {"epoch": epoch + 1, **train_one_epoch(net, model, data, optimizer, scaler, args,
+                                                     epoch, device, dtype)}
+        row["epoch_seconds"] = time.time() - start_time
+        row["images_per_sec"] = len(data.loader) * args.batch_size / row["epoch_seconds"]
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            row.update(knn_monitor(backbone, data, args, device, dtype))
+        end_epoch(args, row, history, state(epoch + 1))
+    if world() > 1:
+        dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------------
+# The harness: the same in every training script, word for word (tests/test_copies.py)
+# -------------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def shared_flags(parser, **defaults):
+    """The flags of every training script (shared/specs/api.md), with the script's defaults."""
+    g = parser.add_argument_group("data, backbone and training")
+    g.add_argument("--dataset", default="cifar10", choices=common.DATASETS,
+                   help="folder: DATA_DIR/train/<class>/*, optional DATA_DIR/test/<class>/*")
+    g.add_argument("--data_dir", default="data", help="data root; torchvision sets download here")
+    g.add_argument("--subset", type=int, default=0, help="train on N evenly spaced images (0: all)")
+    g.add_argument("--crop_size", type=int, default=32, help="random-resized-crop size")
+    g.add_argument("--blur_p", type=float, default=0.0, help="Gaussian blur probability")
+    g.add_argument("--norm", default="auto", choices=["auto", *common.NORMALIZATION], help="inputs")
+    g.add_argument("--workers", type=int, default=4, help="data-loading processes per process")
+    g.add_argument("--gpu_aug", action="store_true", help="augment whole batches on the device")
+    g.add_argument("--arch", default="resnet18", choices=list(common.ARCHS), help="backbone")
+    g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 conv")
+    g.add_argument("--width", type=int, default=64, help="base channels (64: the standard ResNet)")
+    g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's conv")
+    g.add_argument("--epochs", type=int, default=200, help="total epochs (0: the untrained net)")
+    g.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch over all processes")
+    g.add_argument("--lr", type=float, default=0.03, help="learning rate (see the docstring)")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast: auto is bf16 (or fp16) on GPUs, fp32 on CPUs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network")
+    g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
+    g.add_argument("--out_dir", default="runs/" + parser.prog[:-3], help="metrics.csv, last.pt")
+    g.add_argument("--resume", default="", help="continue this last.pt up to --epochs")
+    g.add_argument("--knn_k", type=int, default=200, help="kNN monitor: neighbours")
+    g.add_argument("--knn_t", type=float, default=0.1, help="kNN monitor: temperature")
+    g.add_argument("--eval_every", type=int, default=1, help="kNN every N epochs (0: never)")
+    parser.set_defaults(**defaults)
+
+
+MAY_CHANGE = ("epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision",
+              "gpu_aug", "compile")
+POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim", "hidden_dim",
+            "queue_size", "num_chunks", "num_negatives", "num_prototypes", "pred_dim", "embed_dim")
+
+
+def setup(parser, argv, rules):
+    """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
+    ints >= 0, *_p in [0, 1], POSITIVE > 0, the script's rules(args)) and --resume's checkpoint
+    (its flags win but MAY_CHANGE's), joins the process group, seeds by rank, writes args.json."""
+    args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
+    if args.resume:
+        try:
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            parser.error(f"no checkpoint at {args.resume}")
+        except Exception:  # random bytes, text, a truncated file, objects other than tensors
+            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or damaged)")
+        if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
+            parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
+        missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
+                   if k not in ckpt]
+        parser.set_defaults(**{**ckpt.get("args", {}), "out_dir": os.path.dirname(os.path.abspath(
+            args.resume))})
+        args = parser.parse_args(argv)
+        changed = [f"--{k}" for k, v in ckpt.get("args", {}).items()
+                   if k not in MAY_CHANGE and vars(args).get(k) != v]
+        rules = [(not missing, f"{args.resume} lacks {', '.join(missing)}"),
+                 (not changed, f"{', '.join(changed)}: a resumed run keeps the checkpoint's "
+                  f"values (only --{', --'.join(MAY_CHANGE)} may change)"),
+                 (missing or n_proc == len(ckpt["rng"]), f"{args.resume} ran on "
+                  f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
+                 (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
+                  f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
+    for name, v in vars(args).items():
+        need = ("finite" if type(v) is float and not math.isfinite(v) else ">= 0" if type(v) is int
+                and v < 0 else "in [0, 1]" if name.endswith("_p") and not 0 <= v <= 1 else "> 0"
+                if name in POSITIVE and not v > 0 else "")
+        if need:
+            parser.error(f"--{name} must be {need}, got {v}")
+    for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
+                        args.batch_size >= 2 * n_proc, "--batch_size must hold 2 or more images "
+                        f"for each of {n_proc} process(es)")]:
+        if not ok:
+            parser.error(message)
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if n_proc > 1 and not dist.is_initialized():  # a long timeout: rank 0 alone runs the kNN
+        torch.cuda.set_device(device) if cuda else None
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     try:
-        if not master:
-            dist.barrier()  # rank 0 downloads first; the others then find the files
-        train_set = common.subset(common.build_dataset(args.dataset, args.data_dir, "train"), args.subset)
-        memory_set = common.subset(common.build_dataset(args.dataset, args.data_dir, "train", plain), args.subset)
-        test_set = common.build_dataset(args.dataset, args.data_dir, "test", plain)
-    except OSError as err:  # missing data (FileNotFoundError) or an unreadable file
-        parser.error(str(err))
-    finally:
-        if master and n_proc > 1:
-            dist.barrier()
-    if test_set is None or common.num_classes(memory_set) == 0:
-        memory_set = test_set = None
-    if len(train_set) < args.batch_size:
-        parser.error(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
-    pool, pool_name = (args.queue_size, "queue") if args.method == "moco" else (len(train_set), "bank")
-    for epoch in range(max(args.epochs, 1)):  # every epoch's ring (annealed or not) must hold candidates
-        lower, upper = ring_fractions(args, epoch)
-        if math.floor(upper * pool) <= math.floor(lower * pool):
-            parser.error(f"--ring_lower {args.ring_lower} --ring_upper {args.ring_upper} leave no candidates in the "
-                         f"{pool}-entry {pool_name} (epoch {epoch + 1}: ranks [{math.floor(lower * pool)}, "
-                         f"{math.floor(upper * pool)}))")
-    images = labels = gpu_augment = None
-    if args.gpu_aug:  # the uint8 images live on the device (CIFAR-10: 150 MB); the loader yields indices
-        try:
-            images, labels = (t.to(device) for t in common.images_as_tensor(train_set))
-        except ValueError as err:
-            parser.error(f"--gpu_aug: {err}")
-        if args.method == "cmc":  # the same crop and flip, then Lab
-            rgb = common.BatchedAugment(args.crop_size, (0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
-                                        normalize=None).to(device)
-            mean = torch.tensor(LAB_MEAN, device=device)[:, None, None]
-            std = torch.tensor(LAB_STD, device=device)[:, None, None]
-            gpu_augment = lambda x: (rgb_to_lab(rgb(x)) - mean) / std  # noqa: E731
-        else:
-            gpu_augment = common.BatchedAugment(args.crop_size, (0.2, 1.0), (0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
-                                                grayscale_p=0.2, blur_p=args.blur_p, normalize=norm).to(device)
-        train_set = torch.utils.data.TensorDataset(torch.arange(len(images)))
-    else:
-        train_set = common.Views(train_set, augment, 2 if args.method == "moco" else 1)
-    sampler = DistributedSampler(train_set, n_proc, rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
-
-    # ---- model, optimizer, scaler ----
-    model = RingModel(args, len(train_set)).to(
-        device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    if n_proc > 1 and device.type == "cuda" and args.sync_bn:
-        model.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder)
-    optimizer = torch.optim.SGD(model.encoder.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    # ---- resume ----
-    start_epoch = 0
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError) as err:
-            parser.error(f"{args.resume} does not fit this model: {str(err).strip().splitlines()[0]}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():  # a bf16/fp32 run saved a disabled scaler's empty state
-            scaler.load_state_dict(ckpt["scaler"])
-        if len(ckpt["rng"]) == n_proc:
-            torch.set_rng_state(ckpt["rng"][rank][0])
-            if device.type == "cuda" and ckpt["rng"][rank][1].numel():
-                torch.cuda.set_rng_state(ckpt["rng"][rank][1])
-        start_epoch = ckpt["epoch"]
-    # Every process starts from rank 0's weights, key encoder, queue and banks (their random initial
-    # values were drawn with per-rank seeds); then gathered updates keep them identical. DDP wraps
-    # the trained encoder only: the banks and the queue stay out of its buffer broadcast.
-    if n_proc > 1:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, 0)
-    net = nn.parallel.DistributedDataParallel(model.encoder, device_ids=[device.index] if device.type == "cuda" else None) \
-        if n_proc > 1 else model.encoder
-    if args.compile:  # the checkpoint saves `model`, never the compiled wrapper, so it loads either way
-        net = torch.compile(net)
-
-    # ---- output directory (checked before any compute) ----
-    columns = ["epoch", "loss", "lr", "images_per_sec", "epoch_seconds", "knn_top1", "knn_top5",
-               "ring_lower", "ring_upper", "ring_size", "negatives"]
-    metrics_path, ckpt_path = os.path.join(args.out_dir, "metrics.csv"), os.path.join(args.out_dir, "last.pt")
-    if master:
-        try:
+        if rank() == 0:
             os.makedirs(args.out_dir, exist_ok=True)
             with open(os.path.join(args.out_dir, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2, sort_keys=True)
-            rows = []
-            if ckpt is not None and os.path.exists(metrics_path):  # keep the rows the checkpoint covers
-                with open(metrics_path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= start_epoch]
-            with open(metrics_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-        except OSError as err:
-            parser.error(f"cannot write to --out_dir {args.out_dir}: {err}")
-        print(f"{SCRIPT}: {args.method}, {len(train_set)} images, {n_proc} process(es) x {batch}, "
-              f"{sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M parameters, {precision} on {device}")
+    except OSError as err:
+        parser.error(f"cannot write to --out_dir {args.out_dir}: {err}")
+    auto = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    precision = auto if args.precision == "auto" else args.precision
+    if precision == "fp16" and not cuda and rank() == 0:
+        print(f"{parser.prog}: warning: fp16 autocast on a CPU is very slow", file=sys.stderr)
+    torch.manual_seed(args.seed + rank())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return args, ckpt, device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def save(epoch, fractions):
-        backbone, head = export(model, args)
-        state = {"script": SCRIPT, "args": vars(args), "epoch": epoch, "backbone": backbone, "head": head,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_states(), "world_size": n_proc, "ring": list(fractions)}
-        if master:
-            save_checkpoint(state, ckpt_path)
 
-    def knn(row):
-        if memory_set is None:
-            return
-        backbone = model.encoder.backbone if args.method != "cmc" else \
-            common.build_backbone(args.arch, args.stem, args.width, args.stem_padding).to(device)
-        if args.method == "cmc":  # the two encoders side by side, as the checkpoint holds them
-            backbone.load_state_dict(export(model, args)[0])
-        row["knn_top1"], row["knn_top5"] = knn_monitor(backbone, memory_set, test_set, args.knn_k, args.knn_t,
-                                                       batch, args.workers, device, dtype)
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
-    # ---- training loop ----
-    if args.epochs == 0 and ckpt is None:  # the untrained network: a baseline
-        row = {"epoch": 0}
-        knn(row)
-        if master:
-            write_metrics(metrics_path, row, columns)
-            print(f"epoch 0 (untrained): kNN top-1 {row.get('knn_top1', float('nan')):.2f}")
-        save(0, ring_fractions(args, 0))
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        lower, upper = ring_fractions(args, epoch)
-        lo, hi = ring_bounds(pool, lower, upper)
-        start = time.time()
-        loss, lr, bad_step = train_one_epoch(net, model, loader, optimizer, scaler, args, epoch, lower, upper,
-                                             device, dtype, images, labels, gpu_augment)
-        if not math.isfinite(loss):
-            raise SystemExit(f"{SCRIPT}: error: non-finite loss at epoch {epoch + 1}, step {bad_step + 1} "
-                             f"(of this process); {ckpt_path} still holds epoch {epoch}")
-        seconds = time.time() - start
-        row = {"epoch": epoch + 1, "loss": loss, "lr": lr, "epoch_seconds": seconds, "ring_lower": lower,
-               "ring_upper": upper, "ring_size": hi - lo, "images_per_sec": len(loader) * args.batch_size / seconds,
-               "negatives": hi - lo if args.method == "moco" else args.num_negatives}
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            knn(row)
-        if master:
-            write_metrics(metrics_path, row, columns)
-            print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} ring [{lo}, {hi}) of {pool} "
-                  f"{row['images_per_sec']:.0f} img/s kNN top-1 {row.get('knn_top1', float('nan')):.2f}")
-        save(epoch + 1, (lower, upper))
-    if n_proc > 1:
-        dist.destroy_process_group()
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class GatherLayer(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient and returns this process's slice:
+    the other processes' anchors then push on this process's rows, as in one process."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(world())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = torch.stack(grads)
+        dist.all_reduce(grad)
+        return grad[rank()]
+
+
+def gather(x):
+    """The rows of every process in rank order, with gradient where x has one (x in one process)."""
+    return x if world() == 1 else torch.cat(GatherLayer.apply(x))
+
+
+def load_data(args, parser, device, recipe, views=2, split="train", to_input=None):
+    """common.run_data (the data sets, views and this process's loader) with one-line errors."""
+    try:
+        if rank() > 0:
+            dist.barrier()  # rank 0 downloads first, then the others find the files
+        data = common.run_data(args, recipe, device, views, split, to_input, rank(), world())
+    except (OSError, ValueError) as err:  # missing data, an unreadable image, mixed image sizes
+        parser.error(str(err))
+    finally:
+        if rank() == 0 and world() > 1:
+            dist.barrier()
+    data.parser = parser
+    return data
+
+
+def batches(data, epoch):
+    """The epoch's batches, with a progress bar on rank 0 in a terminal; an unreadable image stops
+    the run with a one-line error naming it, also when a loader worker met it."""
+    data.sampler.set_epoch(epoch)
+    try:
+        yield from tqdm(data.loader, f"epoch {epoch + 1}", leave=False, disable=rank() > 0 or None)
+    except OSError as err:
+        data.parser.error((re.findall(r"cannot read image .*", str(err)) or [str(err)])[-1])
+
+
+@torch.no_grad()
+def negative_rates(sim, negative, labels, candidate_labels):
+    """The negatives monitor per anchor (NaN where no negative has a known class): fn_rate, the
+    share of its negatives of its own class, and fn_rate_hard, the share among its 1% most
+    similar negatives (at least one). sim, negative [a, m]: similarities and the pairs the loss
+    contrasts; labels [a], candidate_labels [m] or [a, m]: classes, -1 where unknown."""
+    cand = candidate_labels.expand_as(sim)
+    known = negative & (cand >= 0) & (labels[:, None] >= 0)                       # [a, m]
+    same, n = known & (cand == labels[:, None]), known.sum(1)                     # [a, m], [a]
+    k = (n // 100).clamp(min=1)                                                   # [a]
+    top = sim.masked_fill(~known, -math.inf).topk(max(1, sim.shape[1] // 100), dim=1).indices
+    hard = same.gather(1, top) & (torch.arange(top.shape[1], device=sim.device) < k[:, None])
+    return {"fn_rate": torch.where(n > 0, same.sum(1) / n, math.nan),
+            "fn_rate_hard": torch.where(n > 0, hard.sum(1) / k, math.nan)}
+
+
+def epoch_stats(steps):
+    """{name: mean over the epoch's values on every process} of the steps' statistics (the loss;
+    values per anchor, NaN for none: '' if all are; a non-finite loss is kept: it stops the run)."""
+    out = {}
+    for name in steps[0]:
+        v = torch.cat([s[name].double().reshape(-1) for s in steps])
+        valid = ~v.isnan() | (name == "loss")
+        total = torch.stack([torch.where(valid, v, 0.0).sum(), valid.sum().double()])
+        dist.all_reduce(total) if world() > 1 else None
+        out[name] = (total[0] / total[1]).item() if total[1] else ""
+    return out
+
+
+@torch.no_grad()
+def knn_monitor(backbone, data, args, device, dtype):
+    """{knn_top1, knn_top5} (%) on rank 0 ({} elsewhere, or without a labelled test split): each
+    test image's --knn_k nearest training images (cosine of backbone features) vote with weight
+    exp(sim / --knn_t) (Wu et al. 2018)."""
+    if data.test is None or rank() > 0:
+        return {}
+    backbone.eval()
+
+    def embed(dataset):
+        feats, labels = [], []
+        for x, y in DataLoader(dataset, args.batch_size, num_workers=args.workers):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats.append(F.normalize(backbone(data.to_input(x.to(device))).float(), dim=1))
+            labels.append(y.to(device))
+        return torch.cat(feats), torch.cat(labels)
+
+    (bank, bank_labels), (feats, labels), hits = embed(data.memory), embed(data.test), 0
+    for f, y in zip(feats.split(1024), labels.split(1024)):  # [1024, N] similarities at a time
+        sim, idx = (f @ bank.T).topk(min(args.knn_k, len(bank)), dim=1)            # [n, k]
+        votes = torch.zeros(len(f), int(bank_labels.max()) + 1, device=device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / args.knn_t).exp())         # [n, classes]
+        top = votes.topk(min(5, votes.shape[1]), dim=1).indices == y[:, None]      # [n, 5]
+        hits = hits + torch.stack([top[:, 0].sum(), top.any(1).sum()]) / len(labels)
+    return {"knn_top1": 100 * hits[0].item(), "knn_top5": 100 * hits[1].item()}
+
+
+def restore(ckpt, model, optimizer, scaler, parser):
+    """The first epoch: 0, or the checkpoint's after loading the model, optimizer, scaler and this
+    process's RNG states (a tensor of another shape is a one-line error)."""
+    try:
+        if ckpt is None:
+            return 0
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # bf16 and fp32 runs save a disabled scaler
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"][rank()][0])
+        if torch.cuda.is_available() and len(ckpt["rng"][rank()][1]):
+            torch.cuda.set_rng_state(ckpt["rng"][rank()][1])
+        return ckpt["epoch"]
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [str(err)]
+        parser.error(f"the checkpoint does not fit the model its arguments build: {detail[0]}")
+
+
+def distribute(model, trained, args, device):
+    """All processes start from rank 0's state (weights, queues, banks); `trained`, the part with
+    gradients, runs under DDP with torchrun, compiled with --compile. Checkpoints save `model`."""
+    model.to(memory_format=torch.channels_last) if device.type == "cuda" else None
+    if world() > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0) if torch.is_tensor(t) else None
+        trained = nn.parallel.DistributedDataParallel(trained, [device.index] if device.type == "cuda"
+                                                      else None)
+    return torch.compile(trained) if args.compile else trained
+
+
+def head_layout(head):
+    """[name, kind, sizes...] of each Linear, BatchNorm1d and ReLU of a head: with the head's state
+    dict it rebuilds the head without this script (linear_eval.py, bound.py)."""
+    return [[n, "linear", m.in_features, m.out_features, m.bias is not None] if type(m) is nn.Linear
+            else [n, "relu"] if type(m) is nn.ReLU else [n, "bn", m.num_features, m.affine]
+            for n, m in head.named_children()]
+
+
+def end_epoch(args, row, history, state):
+    """A non-finite loss stops the run (last.pt keeps the last good epoch); else the row joins
+    metrics.csv, and rank 0 prints it and replaces last.pt atomically (temporary file, os.replace)."""
+    path = os.path.join(args.out_dir, "last.pt")
+    if not math.isfinite(row.get("loss", 0.0)):
+        if rank() == 0:
+            kept = f"{path} keeps epoch {history[-1]['epoch']}" if history else "no last.pt written"
+            print(f"non-finite loss in epoch {row['epoch']}; {kept}", file=sys.stderr)
+        sys.exit(1)
+    history.append(row)
+    rng = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else []]
+    rngs = [rng] * world()
+    dist.all_gather_object(rngs, rng) if world() > 1 else None  # every process's, for a resume
+    if rank() == 0:
+        with open(os.path.join(args.out_dir, "metrics.csv"), "w", newline="") as f:  # whole
+            writer = csv.DictWriter(f, list(dict.fromkeys(k for r in history for k in r)))
+            writer.writeheader()
+            writer.writerows({k: f"{v:.6g}" if type(v) is float else v for k, v in r.items()}
+                             for r in history)
+        print(" ".join(f"{k} {v:.4g}" if type(v) is float else f"{k} {v}" for k, v in row.items()))
+        torch.save({**state, "history": history, "rng": rngs}, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

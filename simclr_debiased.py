@@ -267,8 +267,7 @@ def main(argv=None):
 # -------------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `prog: error: message`, exit status 2, printed by rank 0
-    alone under torchrun (--help still prints the usage, with the defaults)."""
+    """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
@@ -281,7 +280,7 @@ class Parser(argparse.ArgumentParser):
 
 def shared_flags(parser, **defaults):
     """The flags of every training script (shared/specs/api.md), with the script's defaults."""
-    g = parser.add_argument_group("data and backbone")
+    g = parser.add_argument_group("data, backbone and training")
     g.add_argument("--dataset", default="cifar10", choices=common.DATASETS,
                    help="folder: DATA_DIR/train/<class>/*, optional DATA_DIR/test/<class>/*")
     g.add_argument("--data_dir", default="data", help="data root; torchvision sets download here")
@@ -295,7 +294,6 @@ def shared_flags(parser, **defaults):
     g.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"], help="cifar: 3x3 conv")
     g.add_argument("--width", type=int, default=64, help="base channels (64: the standard ResNet)")
     g.add_argument("--stem_padding", type=int, default=1, help="padding of the CIFAR stem's conv")
-    g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=200, help="total epochs (0: the untrained net)")
     g.add_argument("--batch_size", type=int, default=256, help="GLOBAL batch over all processes")
     g.add_argument("--lr", type=float, default=0.03, help="learning rate (see the docstring)")
@@ -319,12 +317,10 @@ POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "featur
 
 
 def setup(parser, argv, rules):
-    """Parses and checks the flags (floats finite, ints >= 0, *_p in [0, 1], POSITIVE ones > 0, then
-    the script's rules(args): (ok, message) pairs), loads --resume's checkpoint, joins the process group under torchrun, seeds by rank, writes
-    args.json. Returns (args, checkpoint or None, device, autocast dtype or None for fp32).
-    A resumed run keeps the checkpoint's flags but MAY_CHANGE's, on as many processes."""
+    """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
+    ints >= 0, *_p in [0, 1], POSITIVE > 0, the script's rules(args)) and --resume's checkpoint
+    (its flags win but MAY_CHANGE's), joins the process group, seeds by rank, writes args.json."""
     args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
-    checks = []
     if args.resume:
         try:
             ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
@@ -332,28 +328,31 @@ def setup(parser, argv, rules):
             parser.error(f"no checkpoint at {args.resume}")
         except Exception:  # random bytes, text, a truncated file, objects other than tensors
             parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or damaged)")
-        needed = ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
         if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
             parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
-        if any(k not in ckpt for k in needed):
-            parser.error(f"{args.resume} lacks {', '.join(k for k in needed if k not in ckpt)}")
-        parser.set_defaults(**{**ckpt["args"], "out_dir": os.path.dirname(os.path.abspath(args.resume))})
+        missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
+                   if k not in ckpt]
+        parser.set_defaults(**{**ckpt.get("args", {}), "out_dir": os.path.dirname(os.path.abspath(
+            args.resume))})
         args = parser.parse_args(argv)
-        changed = [f"--{k}" for k, v in ckpt["args"].items() if k not in MAY_CHANGE and vars(args)[k] != v]
-        checks = [(not changed, f"{', '.join(changed)}: a resumed run keeps the checkpoint's values "
-                  f"(only --{', --'.join(MAY_CHANGE)} may change)"),
-                 (n_proc == len(ckpt["rng"]), f"resume on as many processes: {len(ckpt['rng'])}"),
-                 (args.epochs > ckpt["epoch"], f"{args.resume} has trained {ckpt['epoch']} epochs: "
-                  "ask for more with --epochs")]
+        changed = [f"--{k}" for k, v in ckpt.get("args", {}).items()
+                   if k not in MAY_CHANGE and vars(args).get(k) != v]
+        rules = [(not missing, f"{args.resume} lacks {', '.join(missing)}"),
+                 (not changed, f"{', '.join(changed)}: a resumed run keeps the checkpoint's "
+                  f"values (only --{', --'.join(MAY_CHANGE)} may change)"),
+                 (missing or n_proc == len(ckpt["rng"]), f"{args.resume} ran on "
+                  f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
+                 (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
+                  f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
     for name, v in vars(args).items():
         need = ("finite" if type(v) is float and not math.isfinite(v) else ">= 0" if type(v) is int
                 and v < 0 else "in [0, 1]" if name.endswith("_p") and not 0 <= v <= 1 else "> 0"
                 if name in POSITIVE and not v > 0 else "")
         if need:
             parser.error(f"--{name} must be {need}, got {v}")
-    for ok, message in [*checks, *rules(args), (args.batch_size % n_proc == 0 and args.batch_size
-                                                >= 2 * n_proc, f"--batch_size must hold 2 or "
-                                                f"more images for each of {n_proc} processes")]:
+    for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
+                        args.batch_size >= 2 * n_proc, "--batch_size must hold 2 or more images "
+                        f"for each of {n_proc} process(es)")]:
         if not ok:
             parser.error(message)
     cuda = torch.cuda.is_available()
@@ -408,23 +407,16 @@ def gather(x):
 
 
 def load_data(args, parser, device, recipe, views=2, split="train", to_input=None):
-    """common.run_data with one-line errors, and a DistributedSampler's loader of its `train`."""
+    """common.run_data (the data sets, views and this process's loader) with one-line errors."""
     try:
         if rank() > 0:
             dist.barrier()  # rank 0 downloads first, then the others find the files
-        data = common.run_data(args.dataset, args.data_dir, split, args.subset, args.crop_size,
-                               recipe, views, args.gpu_aug, device, to_input)
+        data = common.run_data(args, recipe, device, views, split, to_input, rank(), world())
     except (OSError, ValueError) as err:  # missing data, an unreadable image, mixed image sizes
         parser.error(str(err))
     finally:
         if rank() == 0 and world() > 1:
             dist.barrier()
-    if len(data.train) < args.batch_size:
-        parser.error(f"{len(data.train)} training images, fewer than --batch_size {args.batch_size}")
-    data.sampler = DistributedSampler(data.train, world(), rank(), seed=args.seed, drop_last=True)
-    data.loader = DataLoader(data.train, args.batch_size // world(), sampler=data.sampler,
-                             drop_last=True, num_workers=args.workers,
-                             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     data.parser = parser
     return data
 
@@ -456,8 +448,8 @@ def negative_rates(sim, negative, labels, candidate_labels):
 
 
 def epoch_stats(steps):
-    """{name: mean over every process's values}, from each step's statistics: name -> the loss or
-    a value per anchor, NaN where there is none ('' if all are; a NaN loss is kept: it stops)."""
+    """{name: mean over the epoch's values on every process} of the steps' statistics (the loss;
+    values per anchor, NaN for none: '' if all are; a non-finite loss is kept: it stops the run)."""
     out = {}
     for name in steps[0]:
         v = torch.cat([s[name].double().reshape(-1) for s in steps])
@@ -470,7 +462,7 @@ def epoch_stats(steps):
 
 @torch.no_grad()
 def knn_monitor(backbone, data, args, device, dtype):
-    """{knn_top1, knn_top5} (%), on rank 0 ({} elsewhere or without a labelled test split): each
+    """{knn_top1, knn_top5} (%) on rank 0 ({} elsewhere, or without a labelled test split): each
     test image's --knn_k nearest training images (cosine of backbone features) vote with weight
     exp(sim / --knn_t) (Wu et al. 2018)."""
     if data.test is None or rank() > 0:
@@ -496,8 +488,8 @@ def knn_monitor(backbone, data, args, device, dtype):
 
 
 def restore(ckpt, model, optimizer, scaler, parser):
-    """The first epoch to train: 0, or the checkpoint's after loading its model, optimizer, scaler
-    and this process's RNG states (a tensor of another shape is a one-line error)."""
+    """The first epoch: 0, or the checkpoint's after loading the model, optimizer, scaler and this
+    process's RNG states (a tensor of another shape is a one-line error)."""
     try:
         if ckpt is None:
             return 0
@@ -515,15 +507,14 @@ def restore(ckpt, model, optimizer, scaler, parser):
 
 
 def distribute(model, trained, args, device):
-    """Every process starts from rank 0's state (weights, queues, banks); `trained`, the part with
+    """All processes start from rank 0's state (weights, queues, banks); `trained`, the part with
     gradients, runs under DDP with torchrun, compiled with --compile. Checkpoints save `model`."""
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last) if device.type == "cuda" else None
     if world() > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, 0) if torch.is_tensor(t) else None
-        trained = nn.parallel.DistributedDataParallel(
-            trained, [device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        trained = nn.parallel.DistributedDataParallel(trained, [device.index] if device.type == "cuda"
+                                                      else None)
     return torch.compile(trained) if args.compile else trained
 
 
@@ -547,8 +538,7 @@ def end_epoch(args, row, history, state):
     history.append(row)
     rng = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else []]
     rngs = [rng] * world()
-    if world() > 1:  # every process's RNG states, in rank order, for an exact resume
-        dist.all_gather_object(rngs, rng)
+    dist.all_gather_object(rngs, rng) if world() > 1 else None  # every process's, for a resume
     if rank() == 0:
         with open(os.path.join(args.out_dir, "metrics.csv"), "w", newline="") as f:  # whole
             writer = csv.DictWriter(f, list(dict.fromkeys(k for r in history for k in r)))

@@ -37,6 +37,8 @@ def build_parser():
     p.add_argument("--data_dir", default=None, help="an image folder instead of generated 32x32 images")
     p.add_argument("--image_size", type=int, default=None, help="resize and centre-crop the folder's images")
     p.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: 0, 1, cpu_count)")
+    p.add_argument("--threads", type=int, nargs="*", default=None,
+                   help="threads of the batched path on the CPU (default: 1, cpu_count; none: skip it)")
     p.add_argument("--csv", default=None, help="write the table here")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test; numbers meaningless)")
     return p
@@ -96,7 +98,7 @@ def main(argv=None):
     # (path, device, workers or threads, runner, threads to set while it runs)
     configs = [("PIL per image", "cpu", f"{w} workers", pil_runner(array, args.crop_size, args.batch, w), 1)
                for w in workers]
-    for threads in sorted({1, cpus}):
+    for threads in sorted({1, cpus}) if args.threads is None else args.threads:
         run = batched_runner(images, args.crop_size, args.batch, "cpu")
         configs.append(("batched", "cpu", f"{threads} threads", run, threads))
     if torch.cuda.is_available():

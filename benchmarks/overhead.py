@@ -1,21 +1,23 @@
-"""Every method's overhead over its backbone: each training script's own main() (its real training
-loop with --gpu_aug: views made per batch on the device, no DataLoader work) for a few epochs on the
-same images, against the common.py backbone's own forward and backward on the same images per step.
+"""Every method's cost over its backbone, in each training script's own loop: the script's main()
+with --gpu_aug (views drawn on the device per batch, no loader work) for a few epochs, its
+metrics.csv read back, against common.py's backbone alone (forward + backward) on the images the
+trained encoder sees per step. Also the negatives monitor's cost (issue 20: at most 3% of a step):
+the same run with the script's `negative_rates` replaced by a stub.
 
-    python benchmarks/overhead.py                    # GPU: ResNet-18 width 64, batch 256, 10240 images
-    python benchmarks/overhead.py --device cpu       # CPU: width 8, batch 64, 512 images, small pools
-    python benchmarks/overhead.py --dataset cifar10 --data_dir DATA --images 10240   # real images
-    python benchmarks/overhead.py --quick            # tiny sizes (tests/test_benchmarks.py runs this)
+    python benchmarks/overhead.py --device cpu      # ResNet-18 width 8, batch 64, 512 images, fp32
+    python benchmarks/overhead.py                   # GPU: width 64, batch 512, 10240 images, bf16
+    python benchmarks/overhead.py --data_dir DATA   # an image folder (DATA/train/<class>/*)
+    python benchmarks/overhead.py --quick           # tiny sizes
 
-Per method: images/s and step time of the LAST epoch of its run (the first includes warm-up), read
-from the script's metrics.csv (step = epoch_seconds / (images // batch)); the baseline is
-common.build_backbone's forward + backward on the images the method's trained encoder sees per step
-(two-view methods: 2 x batch, one call per view as the scripts do; MoCo, IR, CMC: 1 x batch, CMC
-with its two half-width encoders on L and ab); overhead = step / baseline. Also measured, as parts
-of the method's step: the augmentation of the step's views with the script's --gpu_aug recipe
-(aug_ms) and, for MoCo-type methods, the key encoder's forward (key_fwd_ms). The step also holds
-the heads, the loss, the optimizer and the memory updates. Medians over --repeats (each repeat a
-fresh run). Timing only: nothing here is a test.
+Columns (the last epoch of each run: the first warms up; medians over --repeats fresh runs):
+images_per_sec, step_ms; baseline_ms: the backbone's forward + backward on the step's images (two
+views: 2 x batch, one call per view; MoCo and IR: 1 x batch, the key forward is method cost; CMC:
+its L and ab encoders' backbones); overhead = step_ms / baseline_ms; monitor_pct = 100 (step -
+step with the stub) / step, the two runs interleaved (on a busy CPU the noise is a few %);
+monitor_call_pct: the time inside negative_rates calls in the real runs / step (CUDA events on a
+GPU); peak_mem_mb (GPU); with --pil, pil_images_per_sec: the PIL loader path at the scripts'
+default --workers. Checkpoints are not written (torch.save is a no-op during the runs). Random
+labelled images unless --data_dir. Timing only: nothing here is a test.
 """
 import argparse
 import contextlib
@@ -23,7 +25,6 @@ import csv
 import io
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,58 +43,147 @@ import nnclr_kmclr  # noqa: E402
 import ring_nce  # noqa: E402
 import simclr_debiased  # noqa: E402
 
-# name -> (script module, extra flags, views through the trained encoder per image, key-encoder views, kind)
+RING = ["--ring_lower", "0.01", "--ring_upper", "0.1"]
+# name -> (script, flags, baseline: "two" views with gradient, "one" view, or "cmc")
 METHODS = {
-    "SimCLR": (simclr_debiased, ["--tau_plus", "0", "--beta", "0"], 2, 0, "rgb"),
-    "DCL": (simclr_debiased, ["--tau_plus", "0.1", "--beta", "0"], 2, 0, "rgb"),
-    "HCL": (simclr_debiased, ["--tau_plus", "0.1", "--beta", "1"], 2, 0, "rgb"),
-    "MoCo": (moco_mochi, [], 1, 1, "rgb"),
-    "MoCHi": (moco_mochi, ["MOCHI"], 1, 1, "rgb"),
-    "IR": (ring_nce, ["--method", "ir", "--ring_lower", "0", "--ring_upper", "1"], 1, 0, "rgb"),
-    "Ring-IR": (ring_nce, ["--method", "ir", "--ring_lower", "0.01", "--ring_upper", "0.1"], 1, 0, "rgb"),
-    "MoCo (ring_nce)": (ring_nce, ["--method", "moco", "--ring_lower", "0", "--ring_upper", "1"], 1, 1, "rgb"),
-    "Ring-MoCo": (ring_nce, ["--method", "moco", "--ring_lower", "0.01", "--ring_upper", "0.1"], 1, 1, "rgb"),
-    "CMC": (ring_nce, ["--method", "cmc", "--ring_lower", "0", "--ring_upper", "1"], 1, 0, "cmc"),
-    "Ring-CMC": (ring_nce, ["--method", "cmc", "--ring_lower", "0.01", "--ring_upper", "0.1"], 1, 0, "cmc"),
-    "NNCLR": (nnclr_kmclr, ["--method", "nnclr", "--no-online_probe"], 2, 0, "rgb"),
-    "KMCLR": (nnclr_kmclr, ["--method", "kmclr", "--no-online_probe"], 2, 0, "rgb"),
+    "SimCLR": (simclr_debiased, ["--tau_plus", "0", "--beta", "0"], "two"),
+    "DCL": (simclr_debiased, ["--tau_plus", "0.1", "--beta", "0"], "two"),
+    "HCL": (simclr_debiased, ["--tau_plus", "0.1", "--beta", "1"], "two"),
+    "MoCo": (moco_mochi, [], "one"),
+    "MoCHi": (moco_mochi, ["--start1_hard", "0", "--start2_hard", "0"], "one"),
+    "IR": (ring_nce, ["--method", "ir"], "one"),
+    "Ring-IR": (ring_nce, ["--method", "ir", *RING], "one"),
+    "MoCo (ring_nce)": (ring_nce, ["--method", "moco"], "one"),
+    "Ring-MoCo": (ring_nce, ["--method", "moco", *RING], "one"),
+    "CMC": (ring_nce, ["--method", "cmc"], "cmc"),
+    "Ring-CMC": (ring_nce, ["--method", "cmc", *RING], "cmc"),
+    "NNCLR": (nnclr_kmclr, ["--method", "nnclr"], "two"),
+    "KMCLR": (nnclr_kmclr, ["--method", "kmclr"], "two"),
 }
-# Sizes: GPU (the scripts' defaults where they are one number), CPU, --quick.
+# Sizes by device (None: the script's default). queue: MoCo's K; nnclr_queue: NNCLR's support set;
+# negatives: IR/CMC draws; prototypes: KMCLR's k; n_hard: MoCHi's N (s, s': the script's).
 SIZES = {
-    "cuda": dict(width=64, batch_size=256, images=10240, crop_size=32, queue=16384, nnclr_queue=98304,
-                 negatives=4096, prototypes=400, n_hard=1024, s1=1024, s2=512, epochs=3, repeats=3),
-    "cpu": dict(width=8, batch_size=64, images=512, crop_size=32, queue=4096, nnclr_queue=4096,
-                negatives=4096, prototypes=400, n_hard=1024, s1=1024, s2=512, epochs=2, repeats=3),
-    "quick": dict(width=4, batch_size=16, images=64, crop_size=16, queue=256, nnclr_queue=256,
-                  negatives=256, prototypes=32, n_hard=64, s1=64, s2=32, epochs=2, repeats=1),
+    "cuda": dict(width=64, batch_size=512, images=10240, crop_size=32, epochs=2, repeats=2,
+                 queue=None, nnclr_queue=None, negatives=None, prototypes=None, n_hard=1024),
+    "cpu": dict(width=8, batch_size=64, images=512, crop_size=32, epochs=2, repeats=3,
+                queue=4096, nnclr_queue=4096, negatives=4096, prototypes=400, n_hard=1024),
+    "quick": dict(width=4, batch_size=16, images=64, crop_size=16, epochs=2, repeats=1,
+                  queue=256, nnclr_queue=256, negatives=256, prototypes=32, n_hard=64),
 }
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Each method's training step against its backbone's forward + backward.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where everything runs")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="M",
-                   help=f"subset of: {', '.join(METHODS)}")
-    p.add_argument("--arch", default="resnet18", choices=list(common.ARCHS), help="backbone of every method")
-    for name in ("width", "batch_size", "images", "crop_size", "queue", "nnclr_queue", "negatives", "prototypes",
-                 "n_hard", "s1", "s2", "epochs", "repeats"):
-        p.add_argument(f"--{name}", type=int, default=None, help="default: by device (see SIZES), --quick: tiny")
-    p.add_argument("--dataset", default="folder", choices=common.DATASETS,
-                   help="folder: random images generated in a temporary folder unless --data_dir")
-    p.add_argument("--data_dir", default="", help="real images (e.g. CIFAR-10); --images of them are used")
+    p = argparse.ArgumentParser(description="Each method's step against its backbone's forward + "
+                                "backward, and the negatives monitor's share of the step.")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   metavar="M", help=f"some of: {', '.join(METHODS)}")
+    p.add_argument("--arch", default="resnet18", choices=list(common.ARCHS))
+    for name in SIZES["cpu"]:
+        p.add_argument(f"--{name}", type=int, help="default: by device (SIZES)")
+    p.add_argument("--data_dir", default="", help="an image folder; --images of it are used")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 (fp16 without bf16) on CUDA, fp32 on CPU; scripts and baseline alike")
-    p.add_argument("--compile", action="store_true", help="--compile the scripts and torch.compile the baseline")
-    p.add_argument("--steps", type=int, default=5, help="baseline: timed steps per repeat")
-    p.add_argument("--csv", default="results/benchmarks/overhead.csv", help="output CSV")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (for the test suite)")
+                   help="auto: bf16 on GPUs, fp32 on CPUs (scripts and baseline alike)")
+    p.add_argument("--pil", action="store_true", help="also time the PIL loader path")
+    p.add_argument("--steps", type=int, default=5, help="baseline: timed calls per repeat")
+    p.add_argument("--csv", default="results/benchmarks/overhead.csv")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     return p
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def sizes(a, device):
+    """The SIZES of the device (or --quick), overridden by the flags given."""
+    table = SIZES["quick" if a.quick else device.type]
+    return {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in table.items()}
+
+
+def random_image_folder(root, n, size, classes=10, seed=0):
+    """root/train/c<k>/<i>.png: n random RGB images in `classes` classes (no test split)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = os.path.join(root, "train", f"c{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+def method_flags(name, s):
+    module, flags, _ = METHODS[name]
+    given = {"--queue_size": s["queue"] if module is moco_mochi or "moco" in flags
+             else s["nnclr_queue"] if module is nnclr_kmclr else None,
+             "--num_negatives": s["negatives"] if module is ring_nce and "moco" not in flags
+             else None,
+             "--num_prototypes": s["prototypes"] if module is nnclr_kmclr else None,
+             "--n_hard": s["n_hard"] if name == "MoCHi" else None}
+    return flags + [str(x) for k, v in given.items() if v is not None for x in (k, v)]
+
+
+def script_argv(name, s, data_dir, out_dir, precision, gpu_aug=True):
+    """The script's flags for a timed run (no kNN monitor; --gpu_aug or PIL at default workers)."""
+    argv = ["--dataset", "folder", "--data_dir", data_dir, "--subset", str(s["images"]),
+            "--arch", s.get("arch", "resnet18"), "--width", str(s["width"]),
+            "--batch_size", str(s["batch_size"]), "--crop_size", str(s["crop_size"]),
+            "--epochs", str(s["epochs"]), "--eval_every", "0", "--precision", precision,
+            "--out_dir", out_dir]
+    return argv + (["--gpu_aug", "--workers", "0"] if gpu_aug else []) + method_flags(name, s)
+
+
+def stub_rates(sim, *args):
+    """negative_rates' stand-in: no monitor values (NaN per anchor)."""
+    return {"fn_rate": torch.full(sim.shape[:1], math.nan, device=sim.device)}
+
+
+class Timed:
+    """negative_rates with the time inside each call recorded (CUDA events on a GPU)."""
+
+    def __init__(self, fn, device):
+        self.fn, self.cuda, self.calls = fn, device.type == "cuda", []
+
+    def __call__(self, *args):
+        if not self.cuda:
+            start = time.perf_counter()
+            out = self.fn(*args)
+            self.calls.append(time.perf_counter() - start)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.fn(*args)
+        end.record()
+        self.calls.append((start, end))
+        return out
+
+    def seconds(self, last):
+        """Seconds inside the last `last` calls."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(s.elapsed_time(e) for s, e in self.calls[len(self.calls) - last:]) / 1e3
+        return sum(self.calls[len(self.calls) - last:])
+
+
+def run_script(module, argv, device, negative_rates=None, save=False):
+    """module.main(argv) in this process on `device`, its output swallowed (shown on failure), with
+    `negative_rates` in place of the script's if given and last.pt left empty unless `save`; the
+    rows of its metrics.csv."""
+    out = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if device.type == "cpu":  # the scripts take the GPU where there is one
+            stack.enter_context(mock.patch("torch.cuda.is_available", lambda: False))
+        if negative_rates is not None:
+            stack.enter_context(mock.patch.object(module, "negative_rates", negative_rates))
+        if not save:
+            stack.enter_context(mock.patch.object(module.torch, "save",
+                                                  lambda obj, path: open(path, "wb").close()))
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(out))
+        try:
+            module.main(argv)
+        except SystemExit as err:
+            raise RuntimeError(f"{module.__name__}.py {' '.join(argv)} exited ({err}):\n"
+                               f"{out.getvalue()[-2000:]}") from None
+    with open(os.path.join(argv[argv.index("--out_dir") + 1], "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def median_ms(fn, device, steps, repeats, warmup=2):
@@ -102,191 +192,121 @@ def median_ms(fn, device, steps, repeats, warmup=2):
         fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
         for _ in range(steps):
             fn()
-        sync(device)
+        torch.cuda.synchronize() if device.type == "cuda" else None
         times.append((time.perf_counter() - start) / steps * 1e3)
     return statistics.median(times)
 
 
-def random_image_folder(root, n, size, seed=0):
-    """root/train/*.png: n random RGB images (flat, unlabelled: no kNN monitor runs)."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "train")
-    os.makedirs(folder)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    return root
-
-
-def script_argv(name, a, data_dir, out_dir, precision):
-    argv = ["--dataset", a.dataset, "--data_dir", data_dir, "--arch", a.arch, "--width", str(a.width),
-            "--batch_size", str(a.batch_size), "--crop_size", str(a.crop_size), "--epochs", str(a.epochs),
-            "--gpu_aug", "--workers", "0", "--eval_every", "0", "--precision", precision, "--out_dir", out_dir]
-    if a.dataset != "folder":
-        argv += ["--subset", str(a.images)]
-    if a.compile:
-        argv.append("--compile")
-    return argv + method_flags(name, a)
-
-
-def method_flags(name, a):
-    module, extra, _, _, _ = METHODS[name]
-    if extra == ["MOCHI"]:
-        extra = ["--n_hard", str(a.n_hard), "--s1_hard", str(a.s1), "--s2_hard", str(a.s2),
-                 "--start1_hard", "0", "--start2_hard", "0"]
-    if module is moco_mochi or (module is ring_nce and "moco" in extra):
-        extra = extra + ["--queue_size", str(a.queue)]
-    if module is ring_nce and "moco" not in extra:
-        extra = extra + ["--num_negatives", str(a.negatives)]
-    if module is nnclr_kmclr:
-        extra = extra + ["--queue_size", str(a.nnclr_queue), "--num_prototypes", str(a.prototypes),
-                         "--warmup_epochs", "0"]
-    return extra
-
-
-def run_script(name, argv, device):
-    """main(argv) in this process on `device`, its output swallowed; the last metrics.csv row."""
-    module = METHODS[name][0]
-    out = io.StringIO()
-    with mock.patch.object(module, "setup_distributed", lambda: (0, 1, device)), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            module.main(argv)
-        except SystemExit as err:
-            raise RuntimeError(f"{name}: {module.SCRIPT} {' '.join(argv)} exited ({err}):\n{out.getvalue()[-2000:]}")
-    out_dir = argv[argv.index("--out_dir") + 1]
-    with open(os.path.join(out_dir, "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))[-1]
-
-
-def baseline_parts(name, a, device, dtype):
-    """(fwd+bwd fn, its description, key-forward fn or None, augmentation fn) on one step's images."""
-    _, _, views, key_views, kind = METHODS[name]
+def baseline_ms(name, s, device, dtype, steps, repeats):
+    """The backbone's forward + backward on one step's images (see the docstring), in ms."""
+    kind, b, c = METHODS[name][2], s["batch_size"], s["crop_size"]
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    b = a.batch_size
-
-    def batch(channels=3):
-        return torch.randn(b, channels, a.crop_size, a.crop_size, device=device).contiguous(memory_format=fmt)
-
-    if kind == "cmc":  # ring_nce.py's own CMC encoders' backbones (width/2, 1 and 2 input channels)
-        args = argparse.Namespace(arch=a.arch, stem="cifar", width=a.width, stem_padding=1, hidden_dim=512,
-                                  feature_dim=128)
-        nets = [ring_nce.Encoder(args, c, a.width // 2).backbone.to(device, memory_format=fmt) for c in (1, 2)]
-        inputs = [batch(1), batch(2)]
-        what = f"L + ab backbones (width {a.width // 2}), {b} img"
+    if kind == "cmc":  # ring_nce.py's L and ab encoders at half width
+        args = ring_nce.get_parser().parse_args(["--arch", s.get("arch", "resnet18"),
+                                                 "--width", str(s["width"])])
+        nets = [ring_nce.encoder(args, ch, s["width"] // 2).backbone for ch in (1, 2)]
+        inputs = [torch.randn(b, ch, c, c) for ch in (1, 2)]
     else:
-        nets = [common.build_backbone(a.arch, "cifar", a.width).to(device, memory_format=fmt)]
-        inputs = [batch() for _ in range(views)]
-        nets = nets * views
-        what = f"{views} x {b} img" + (" (one call per view)" if views > 1 else "")
-    for net in nets:
-        net.train()
-    calls = [torch.compile(n) if a.compile else n for n in nets]
+        net = common.build_backbone(s.get("arch", "resnet18"), "cifar", s["width"])
+        nets, inputs = [net] * (2 if kind == "two" else 1), [torch.randn(b, 3, c, c)] * 2
+    nets = [n.to(device, memory_format=fmt).train() for n in nets]
+    inputs = [x.to(device).contiguous(memory_format=fmt) for x in inputs]
 
     def fwd_bwd():
         for n in nets:
-            for p in n.parameters():
-                p.grad = None
+            n.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = sum(c(x).float().sum() for c, x in zip(calls, inputs))
+            out = sum(n(x).float().sum() for n, x in zip(nets, inputs))
         out.backward()
 
-    key_fwd = None
-    if key_views:
-        key_net, key_x = calls[0], inputs[0]
+    return median_ms(fwd_bwd, device, steps, repeats)
 
-        @torch.no_grad()
-        def key_fwd():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                key_net(key_x)
 
-    # The views of one step with the script's own --gpu_aug recipe (its default flags).
-    module, c = METHODS[name][0], a.crop_size
-    if kind == "cmc":
-        rgb = common.BatchedAugment(c, (0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, normalize=None).to(device)
-        augment = lambda x: ring_nce.rgb_to_lab(rgb(x))  # noqa: E731 (mean/std: negligible)
-    elif module is ring_nce:
-        augment = common.BatchedAugment(c, (0.2, 1.0), (0.4, 0.4, 0.4, 0.4), jitter_p=1.0, blur_p=0.0).to(device)
-    elif module is moco_mochi:
-        augment = common.BatchedAugment(c, blur_p=0.0).to(device)
-    elif module is nnclr_kmclr:
-        augment = common.BatchedAugment(c, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0).to(device)
-    else:
-        augment = common.BatchedAugment(c, blur_p=0.5).to(device)
-    images = torch.randint(0, 256, (b, 3, a.crop_size, a.crop_size), dtype=torch.uint8, device=device)
-    n_aug = views + key_views
+def measure(name, s, data_dir, device, precision, tmp, pil=False, steps=5):
+    """One row: the method's runs (real and stubbed monitor, interleaved), its baseline, PIL."""
+    module = METHODS[name][0]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    real, stub, monitor, memory = [], [], [], []
+    for r in range(s["repeats"]):
+        for variant in ("real", "stub"):
+            out_dir = os.path.join(tmp, f"{module.__name__}-{len(os.listdir(tmp))}")
+            timed = Timed(module.negative_rates, device) if variant == "real" else stub_rates
+            torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+            row = run_script(module, script_argv(name, s, data_dir, out_dir, precision), device,
+                             timed)[-1]
+            step = 1e3 * s["batch_size"] / float(row["images_per_sec"])
+            (real if variant == "real" else stub).append(step)
+            if variant == "real":
+                steps_per_epoch = len(timed.calls) // s["epochs"]
+                monitor.append(100 * timed.seconds(steps_per_epoch) / float(row["epoch_seconds"]))
+                memory.append(torch.cuda.max_memory_allocated() / 2 ** 20
+                              if device.type == "cuda" else math.nan)
+    step_ms, base = statistics.median(real), baseline_ms(name, s, device, dtype, steps, s["repeats"])
+    row = {"method": name, "script": f"{module.__name__}.py", "flags": " ".join(method_flags(name, s)),
+           "device": device.type, "precision": precision, "width": s["width"],
+           "batch": s["batch_size"], "images": s["images"], "repeats": s["repeats"],
+           "images_per_sec": 1e3 * s["batch_size"] / step_ms, "step_ms": step_ms,
+           "baseline_ms": base, "overhead": step_ms / base,
+           "monitor_pct": 100 * (step_ms - statistics.median(stub)) / step_ms,
+           "monitor_call_pct": statistics.median(monitor), "peak_mem_mb": max(memory),
+           "pil_images_per_sec": math.nan}
+    if pil:
+        out_dir = os.path.join(tmp, f"{module.__name__}-{len(os.listdir(tmp))}")
+        argv = script_argv(name, s, data_dir, out_dir, precision, gpu_aug=False)
+        row["pil_images_per_sec"] = float(run_script(module, argv, device)[-1]["images_per_sec"])
+    return row
 
-    def aug():
-        for _ in range(n_aug):
-            augment(images)
 
-    return fwd_bwd, what, key_fwd, aug
+def write_csv(rows, path):
+    """rows (dicts) to path; floats to 6 significant digits, NaN as empty."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows({k: ("" if v != v else f"{v:.6g}") if type(v) is float else v
+                          for k, v in r.items()} for r in rows)
+
+
+def table(rows):
+    """The rows as a markdown table (img/s, step, backbone, overhead, monitor, memory, PIL)."""
+    def f(v, fmt):
+        return "" if v != v else format(v, fmt)
+    lines = ["| method | images/s | step ms | backbone ms | overhead | monitor % (stub) | "
+             "monitor % (calls) | peak MB | PIL images/s |", "|---" * 9 + "|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['images_per_sec']:.0f} | {r['step_ms']:.2f} | "
+                     f"{r['baseline_ms']:.2f} | {r['overhead']:.2f}x | {r['monitor_pct']:.1f} | "
+                     f"{r['monitor_call_pct']:.1f} | {f(r['peak_mem_mb'], '.0f')} | "
+                     f"{f(r['pil_images_per_sec'], '.0f')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device == "cuda" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if a.device == "cuda" and not cuda:
         raise SystemExit("overhead.py: error: --device cuda but CUDA is not available")
-    device = torch.device(a.device)
-    for key, value in SIZES["quick" if a.quick else a.device].items():
-        if getattr(a, key) is None:
-            setattr(a, key, value)
-    if a.epochs < 2:
-        raise SystemExit("overhead.py: error: --epochs must be >= 2 (the last epoch is timed, the first warms up)")
-    precision = a.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    steps = a.images // a.batch_size
-    name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    header = (f"device {device} ({name_of}), "
-              f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, {precision}; {a.arch} width {a.width}, "
-              f"batch {a.batch_size}, {a.images} {'random' if not a.data_dir else a.dataset} images {a.crop_size}px, "
-              f"{steps} steps/epoch, last of {a.epochs} epochs timed, median of {a.repeats} repeats; "
-              f"queue {a.queue} (MoCo), {a.nnclr_queue} (NNCLR), {a.negatives} negatives (IR, CMC), "
-              f"{a.prototypes} prototypes, MoCHi N={a.n_hard} s={a.s1} s'={a.s2}")
-    print(header)
+    device = torch.device("cuda" if a.device == "auto" and cuda else a.device.replace("auto", "cpu"))
+    s = {**sizes(a, device), "arch": a.arch}
+    precision = a.precision if a.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()})"
+          f", {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}, {s}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = a.data_dir or random_image_folder(os.path.join(tmp, "data"), a.images, a.crop_size)
+        data_dir = a.data_dir or random_image_folder(os.path.join(tmp, "data"), s["images"],
+                                                     s["crop_size"])
+        os.makedirs(os.path.join(tmp, "runs"))
         for name in a.methods:
-            seconds, rates = [], []
-            for r in range(a.repeats):
-                out_dir = os.path.join(tmp, f"run{len(rows)}_{r}")
-                row = run_script(name, script_argv(name, a, data_dir, out_dir, precision), device)
-                seconds.append(float(row["epoch_seconds"]))
-                rates.append(float(row["images_per_sec"]))
-            step_ms = statistics.median(seconds) / steps * 1e3
-            fwd_bwd, what, key_fwd, aug = baseline_parts(name, a, device, dtype)
-            base_ms = median_ms(fwd_bwd, device, a.steps, a.repeats)
-            key_ms = median_ms(key_fwd, device, a.steps, a.repeats) if key_fwd else float("nan")
-            aug_ms = median_ms(aug, device, a.steps, a.repeats)
-            rows.append({"method": name, "script": METHODS[name][0].SCRIPT,
-                         "flags": " ".join(method_flags(name, a)),
-                         "device": str(device), "dtype": precision, "arch": a.arch, "width": a.width,
-                         "batch": a.batch_size, "images": a.images, "epochs": a.epochs, "repeats": a.repeats,
-                         "images_per_sec": statistics.median(rates), "step_ms": step_ms, "baseline_ms": base_ms,
-                         "baseline": what, "overhead": step_ms / base_ms, "aug_ms": aug_ms, "key_fwd_ms": key_ms})
-            del fwd_bwd, key_fwd, aug
-    print(f"{'method':<16} {'img/s':>9} {'step ms':>9} {'backbone ms':>12} {'overhead':>9} {'aug ms':>8} "
-          f"{'key fwd ms':>11}  baseline (fwd+bwd)")
-    for r in rows:
-        key = "" if math.isnan(r["key_fwd_ms"]) else f"{r['key_fwd_ms']:.2f}"
-        print(f"{r['method']:<16} {r['images_per_sec']:>9.1f} {r['step_ms']:>9.2f} {r['baseline_ms']:>12.2f} "
-              f"{r['overhead']:>8.2f}x {r['aug_ms']:>8.2f} {key:>11}  {r['baseline']}")
-    if os.path.dirname(a.csv):
-        os.makedirs(os.path.dirname(a.csv), exist_ok=True)
-    with open(a.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v)
-                          for k, v in r.items()} for r in rows)
+            rows.append(measure(name, s, data_dir, device, precision, os.path.join(tmp, "runs"),
+                                a.pil, a.steps))
+            print(f"{name}: {rows[-1]['images_per_sec']:.0f} images/s, "
+                  f"{rows[-1]['overhead']:.2f}x, monitor {rows[-1]['monitor_pct']:.1f}%", flush=True)
+    print(table(rows))
+    write_csv(rows, a.csv)
     print(f"wrote {a.csv}")
     return rows
 

@@ -1,22 +1,23 @@
-"""nnclr_kmclr.py end to end on the generated image folder: both methods, the run directory, an
-exact resume (support set and k-means state included), the untrained baseline and bad input."""
+"""nnclr_kmclr.py end to end on a generated image folder with a tiny backbone: the defaults against
+the original's published values, the recipe, the run directory, exact resume (queue, ring and
+k-means state included), the lr schedule, the untrained baseline and every kind of bad input."""
 import csv
+import math
 import os
 import shutil
-import types
+from collections import OrderedDict
 
 import pytest
 import torch
 
 import common
-import nnclr_kmclr
-from conftest import assert_one_line_error, run_script
+import nnclr_kmclr as m
 
-# 64 images, batch 8: 8 steps per epoch. NNCLR's queue of 48 wraps (pointer 16 after epoch 1); KMCLR re-seeds at step 10 and
-# resets at step 16, so a resume after epoch 1 must carry the ring, the counter and the generator.
-TINY = ["--dataset", "folder", "--arch", "resnet18", "--width", "4", "--crop_size", "16", "--batch_size", "8",
-        "--workers", "0", "--proj_hidden_dim", "32", "--proj_dim", "16", "--pred_dim", "32", "--warmup_epochs", "1",
-        "--queue_size", "48", "--num_prototypes", "8", "--reset_every", "2", "--reseed_ratio", "0.5", "--knn_k", "20"]
+TINY = ["--dataset", "folder", "--arch", "resnet18", "--width", "2", "--crop_size", "16",
+        "--batch_size", "8", "--subset", "32", "--workers", "0", "--hidden_dim", "16",
+        "--feature_dim", "8", "--pred_dim", "16", "--queue_size", "24", "--num_prototypes", "6",
+        "--reset_every", "1", "--warmup_epochs", "1", "--knn_k", "10"]
+TIME = ("epoch_seconds", "images_per_sec")
 
 
 def read_csv(path):
@@ -24,122 +25,223 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def run_main(*argv, capsys=None):
-    """main() in this process (no interpreter start-up): exit code and stderr like a subprocess."""
-    try:
-        nnclr_kmclr.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    return types.SimpleNamespace(returncode=code, stderr=capsys.readouterr().err if capsys else "")
+def main_error(argv, capsys, *fragments):
+    """main in this process: exit status 2, no traceback, exactly one stderr line
+    `nnclr_kmclr.py: error: ...` holding every fragment."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        m.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("nnclr_kmclr.py: error: "), lines
+    assert all(f in lines[0] for f in fragments), (fragments, lines)
 
 
-@pytest.fixture(scope="module", params=["nnclr", "kmclr"])
-def runs(request, image_folder, tmp_path_factory):
-    """A straight 2-epoch run that also keeps its epoch-1 checkpoint, and that checkpoint resumed
-    to epoch 2 (an interrupted run: the schedule over --epochs is the same)."""
-    root = tmp_path_factory.mktemp(request.param)
-    args = [*TINY, "--method", request.param, "--data_dir", image_folder]
+# ---- the original's published values, as literals ----
 
-    def keep(state, path, real=nnclr_kmclr.save_checkpoint):
-        real(state, path)
-        shutil.copy(path, os.path.join(os.path.dirname(path), f"epoch{state['epoch']}.pt"))
+def test_defaults_are_the_originals():
+    a = m.get_parser().parse_args([])
+    # mwritescode/nnclr-cifar100 (2ec8e6a) src/config/config.py lines 15-33: BATCH_SIZE 64,
+    # NUM_EPOCHS 500 + WARMUP 10 (src/trainer.py line 114 trains both: 510 in all), LR 0.2,
+    # WEIGHT_DECAY 1e-6, MOMENTUM 0.9, RESET_CENTROIDS_INTERVAL 3, EMBED_SIZE 256,
+    # PROJ_HIDDEN_SIZE 2048, PRED_HIDDEN_SIZE 4096, NUM_CENTROIDS 400; nnclr.yaml line 56
+    # QUEUE_SIZE 98304; src/utils/training/loss.py line 6: temperature 0.1; CIFAR-100
+    assert (a.batch_size, a.epochs, a.warmup_epochs, a.lr, a.weight_decay, a.momentum) == (
+        64, 510, 10, 0.2, 1e-6, 0.9)
+    assert (a.reset_every, a.feature_dim, a.hidden_dim, a.pred_dim, a.num_prototypes) == (
+        3, 256, 2048, 4096, 400)
+    assert (a.queue_size, a.temperature, a.dataset, a.method) == (98304, 0.1, "cifar100", "nnclr")
+    # src/models/nnclr.py lines 14-18: torchvision resnet18, conv1 3x3 stride 1 (padding 2 there,
+    # 1 here: a deviation), no max-pool; lines 22-38: the heads below
+    assert (a.arch, a.stem, a.width) == ("resnet18", "cifar", 64)
+    model = m.NNCLR(a, 1)
+    assert m.head_layout(model.projector) == [
+        ["0", "linear", 512, 2048, True], ["1", "bn", 2048, True], ["2", "relu"],
+        ["3", "linear", 2048, 2048, True], ["4", "bn", 2048, True], ["5", "relu"],
+        ["6", "linear", 2048, 256, True], ["7", "bn", 256, True]]
+    assert m.head_layout(model.predictor) == [
+        ["0", "linear", 256, 4096, True], ["1", "bn", 4096, True], ["2", "relu"],
+        ["3", "linear", 4096, 256, True]]
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nnclr_kmclr, "save_checkpoint", keep)
-        assert run_main(*args, "--epochs", 2, "--out_dir", root / "straight").returncode == 0
-    shutil.copytree(root / "straight", root / "resumed")
-    shutil.copy(root / "straight" / "epoch1.pt", root / "resumed" / "last.pt")
-    assert run_main("--resume", root / "resumed" / "last.pt", "--data_dir", image_folder).returncode == 0
-    return request.param, root
+
+def test_recipe_is_the_originals_and_flags_land_in_it(monkeypatch, tmp_path):
+    """One recipe serves the PIL and the batched path (common.run_data). mwritescode
+    src/config/config.py lines 55-77 and src/utils/augmenters.py lines 30-51, both views:
+    RandomResizedCrop(32, scale (0.08, 1.0)), flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
+    grayscale 0.2; src/data/cifar_100.py lines 11-12: the CIFAR-100 mean and std. Their blur (PIL
+    radius U[0.1, 0.2], a no-op at 32 px) and view 2's solarisation are left out (blur_p 0)."""
+    seen = []
+    monkeypatch.setattr(common, "run_data", lambda *a: seen.append(a) or 1 / 0)
+    for flags in ([], ["--blur_p", "0.3", "--norm", "none", "--crop_size", "24", "--gpu_aug"],
+                  ["--dataset", "folder", "--data_dir", str(tmp_path)]):
+        with pytest.raises(ZeroDivisionError):
+            m.main([*flags, "--out_dir", str(tmp_path / "run")])
+    cifar100 = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    jitter = {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2}
+    (args, recipe, _, views, split, *_), (args2, recipe2, _, views2, *_) = seen[:2]  # run_data's
+    assert (args.dataset, split, args.crop_size, views, args.gpu_aug) == ("cifar100", "train", 32, 2, False)
+    assert recipe == {**jitter, "blur_p": 0.0, "normalize": cifar100}
+    assert (args2.crop_size, recipe2, views2, args2.gpu_aug) == (
+        24, {**jitter, "blur_p": 0.3, "normalize": None}, 2, True)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # a folder: ImageNet's statistics
+    assert seen[2][1]["normalize"] == imagenet
 
 
-def test_run_directory(runs):
-    method, root = runs
-    rows = read_csv(root / "straight" / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2"]
-    row = rows[0]
-    method_columns = ["nn_acc"] if method == "nnclr" else ["distinct_pos", "reseeded", "count_min", "count_max"]
-    for column in ["loss", "lr", "images_per_sec", "epoch_seconds", "knn_top1", "knn_top5", "online_top1",
-                   "online_top5", "probe_loss", *method_columns]:
-        assert row[column] != "", column
-    assert 0 < float(row["loss"]) < 10 and 0 <= float(row["online_top1"]) <= float(row["online_top5"]) <= 100
-    ckpt = torch.load(root / "straight" / "epoch1.pt", weights_only=True)
-    assert ckpt["script"] == "nnclr_kmclr.py" and ckpt["epoch"] == 1 and ckpt["args"]["method"] == method
-    for key in ("dataset", "data_dir", "norm", "crop_size", "blur_p", "arch", "stem", "width", "stem_padding"):
-        assert key in ckpt["args"], key
-    backbone = common.build_backbone(ckpt["args"]["arch"], ckpt["args"]["stem"], ckpt["args"]["width"],
-                                     ckpt["args"]["stem_padding"])
+def test_lr_schedule_is_theirs_and_the_warmup_fits_short_runs(monkeypatch, tmp_path, image_folder):
+    """src/utils/training/optim.py LinearWarmupWithCosineAnnealing, lines 53-59, stepped per batch
+    (src/trainer.py line 163): step / warm-up steps, then 0.5 (1 + cos(pi progress)). The cosine
+    ends at the last step of --epochs (theirs 10 epochs early: NUM_EPOCHS excludes the warm-up),
+    and the default 10-epoch warm-up is cut to half of a shorter run: --epochs 3 trains."""
+    lrs = []
+
+    def record(net, model, optimizer, *rest):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        return {"loss": torch.tensor(1.0)}
+
+    monkeypatch.setattr(m, "train_step", record)
+    m.main([*TINY, "--warmup_epochs", "10", "--data_dir", image_folder, "--epochs", "3",
+            "--eval_every", "0", "--out_dir", str(tmp_path)])
+    steps, warm = 4 * 3, 4 * 1.5  # 32 images / batch 8; warm-up min(10, 3 / 2) epochs
+    want = [0.2 * (s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))))
+            for s in range(steps)]
+    assert [g[0] for g in lrs] == pytest.approx(want) and all(len(set(g)) == 1 for g in lrs)
+    assert [float(r["lr"]) for r in read_csv(tmp_path / "metrics.csv")] == pytest.approx(want[3::4], rel=1e-5)
+
+
+# ---- runs ----
+
+@pytest.fixture(scope="module")
+def first_epoch(tmp_path_factory, image_folder):
+    out = tmp_path_factory.mktemp("nnclr") / "run"
+    m.main([*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(out)])
+    return out
+
+
+def test_run_directory(first_epoch):
+    rows = read_csv(first_epoch / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "loss", "fn_rate", "fn_rate_hard", "nn_acc", "lr",
+                             "epoch_seconds", "images_per_sec", "knn_top1", "knn_top5"]
+    for name in ("fn_rate", "fn_rate_hard", "nn_acc"):
+        assert 0 <= float(rows[0][name]) <= 1, name
+    # 4 balanced classes, batches of 8: about 1 of an anchor's 7 negatives shares its class
+    assert 0.05 < float(rows[0]["fn_rate"]) < 0.35
+    ckpt = torch.load(first_epoch / "last.pt", weights_only=True)
+    assert ckpt["script"] == "nnclr_kmclr.py" and ckpt["epoch"] == 1 and len(ckpt["rng"]) == 1
+    assert ckpt["model"]["rows"].shape == (24, 8) and int(ckpt["model"]["ptr"]) == 32 % 24
+    torch.testing.assert_close(ckpt["model"]["rows"].norm(dim=1), torch.ones(24))
+    assert (ckpt["model"]["labels"] >= 0).sum() == 24  # the whole queue holds real projections
+    # what linear_eval.py does: the backbone from common.py, the head from its layout
+    a = ckpt["args"]
+    backbone = common.build_backbone(a["arch"], a["stem"], a["width"], a["stem_padding"])
     backbone.load_state_dict(ckpt["backbone"])
-    layout = ckpt["head"]["layout"]
-    assert [layer[1] for layer in layout][-1] == "bn" and layout[-2] == ["6", "linear", 32, 16, True]
-    assert set(ckpt["head"]["state"]) == {k[len("projector."):] for k in ckpt["model"] if k.startswith("projector.")}
-    memory = ckpt["memory"]
-    if method == "nnclr":
-        assert memory["queue"].shape == (48, 16) and memory["_extra_state"]["ptr"] == 16  # 64 rows into 48
-        torch.testing.assert_close(memory["queue"].norm(dim=1), torch.ones(48))
-        assert memory["labels"].min() >= 0  # every row holds a real projection by now
-    else:
-        assert memory["centroids"].shape == (8, 16) and memory["_extra_state"]["step"] == 9
-        assert memory["counts"].sum() > 8
+    make = {"linear": lambda i, o, b: torch.nn.Linear(i, o, bias=b), "relu": torch.nn.ReLU,
+            "bn": lambda n, affine: torch.nn.BatchNorm1d(n, affine=affine)}
+    head = torch.nn.Sequential(OrderedDict((n, make[k](*r)) for n, k, *r in ckpt["head"]["layout"]))
+    head.load_state_dict(ckpt["head"]["state"])
+    model = m.NNCLR(m.argparse.Namespace(**a), 4)
+    model.load_state_dict(ckpt["model"])
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(head.eval()(backbone.eval()(x)), model.eval().projector(model.backbone(x)))
 
 
-def test_resume_is_exact(runs):
-    method, root = runs
-    resumed, straight = (torch.load(root / d / "last.pt", weights_only=True) for d in ("resumed", "straight"))
-    assert resumed["epoch"] == straight["epoch"] == 2
-    for part in ("model", "memory"):
-        for key, value in straight[part].items():
-            if key.endswith("_extra_state"):
-                assert set(value) == set(resumed[part][key])
-                for name in value:
-                    assert torch.equal(torch.as_tensor(value[name]), torch.as_tensor(resumed[part][key][name])), name
-            else:
-                assert torch.equal(resumed[part][key], value), (part, key)
-    rows, straight_rows = read_csv(root / "resumed" / "metrics.csv"), read_csv(root / "straight" / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == straight_rows[0]
-    for column in ("loss", "knn_top1", "online_top1", "probe_loss", "nn_acc", "reseeded", "count_max"):
-        assert rows[1][column] == straight_rows[1][column], column
+@pytest.mark.parametrize("method,extra", [("nnclr", []), ("kmclr", ["--gpu_aug"])])
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(method, extra, tmp_path, image_folder,
+                                                                  monkeypatch):
+    """KMCLR restarts its centroids at the last step of each epoch (--reset_every 1, 4 steps an
+    epoch): the resumed run must carry the ring, its pointer, the counts, the counter and the step."""
+    flags = [*TINY, "--data_dir", image_folder, "--epochs", "2", "--method", method, "--eval_every",
+             "2", *extra]
+    m.main([*flags, "--out_dir", str(tmp_path / "straight")])
+    real = m.end_epoch
+
+    def killed(*args):
+        real(*args)
+        raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+
+    monkeypatch.setattr(m, "end_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        m.main([*flags, "--out_dir", str(tmp_path / "resumed")])
+    monkeypatch.undo()
+    m.main(["--resume", str(tmp_path / "resumed" / "last.pt")])  # to the planned --epochs 2
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(s[k], t[k]) for k in s)
+    assert torch.equal(a["rng"][0][0], b["rng"][0][0])  # the CPU generator goes on alike
+    rows = [[{k: v for k, v in r.items() if k not in TIME} for r in read_csv(tmp_path / d / "metrics.csv")]
+            for d in ("straight", "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
     if method == "kmclr":
-        assert float(rows[1]["reseeded"]) > 0  # the re-seed at step 10 happened after the resume
-        assert straight["memory"]["_extra_state"]["step"] == 17 and straight["memory"]["counts"].min() >= 1
+        assert int(a["model"]["step"]) == 9 and int(a["model"]["seen"]) == 6 and a["model"]["counts"].min() >= 1
 
 
-def test_untrained_baseline(image_folder, tmp_path):
-    out = tmp_path / "untrained"
-    assert run_main(*TINY, "--data_dir", image_folder, "--epochs", 0, "--out_dir", out).returncode == 0
-    rows = read_csv(out / "metrics.csv")
-    assert rows[0]["epoch"] == "0" and rows[0]["loss"] == "" and float(rows[0]["knn_top1"]) > 0
-    assert rows[0]["online_top1"] != "" and torch.load(out / "last.pt", weights_only=True)["epoch"] == 0
+def test_untrained_baseline(tmp_path, image_folder):
+    m.main([*TINY, "--data_dir", image_folder, "--epochs", "0", "--out_dir", str(tmp_path)])
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "knn_top1", "knn_top5"] and rows[0]["epoch"] == "0"
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
 
 
-def test_bad_input(image_folder, tmp_path, capsys):
-    data = ["--data_dir", image_folder, "--out_dir", tmp_path / "bad"]
-    cases = [
-        (["--queue_size", "36"], ["--queue_size 36", "multiple"]),
-        (["--method", "kmclr", "--num_prototypes", "100"], ["--num_prototypes 100", "exceeds"]),
-        (["--temperature", "0"], ["--temperature"]),
-        (["--lr", "nan"], ["finite"]),
-        (["--width", "0"], ["--width"]),
-        (["--reseed_ratio", "-1"], ["--reseed_ratio"]),
-        (["--kmeans_momentum", "1"], ["--kmeans_momentum"]),
-        (["--warmup_epochs", "5", "--epochs", "5"], ["--warmup_epochs"]),
-        (["--data_dir", tmp_path / "missing"], ["no images"]),
-        (["--out_dir", tmp_path / "file" / "sub"], ["cannot write"]),
-    ]
-    (tmp_path / "file").write_text("")
-    for flags, fragments in cases:
-        assert_one_line_error(run_main(*TINY, *data, "--epochs", 2, *flags, capsys=capsys), *fragments)
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    torch.save({"script": "moco_mochi.py", "args": {}}, tmp_path / "foreign.pt")
-    assert_one_line_error(run_main("--resume", tmp_path / "junk.pt", capsys=capsys), "cannot read checkpoint")
-    assert_one_line_error(run_main("--resume", tmp_path / "foreign.pt", capsys=capsys), "not a checkpoint of nnclr_kmclr.py")
+def test_unlabelled_folder_leaves_the_monitors_empty(tmp_path, image_folder):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in sorted(os.listdir(os.path.join(image_folder, "train", "class0")))[:4]:
+        for c in range(4):
+            shutil.copy(os.path.join(image_folder, "train", f"class{c}", name), flat / f"{c}_{name}")
+    m.main([*TINY, "--data_dir", str(flat), "--epochs", "1", "--method", "kmclr",
+            "--out_dir", str(tmp_path / "run")])
+    row = read_csv(tmp_path / "run" / "metrics.csv")[0]
+    assert row["fn_rate"] == row["fn_rate_hard"] == row["nn_acc"] == "" and "knn_top1" not in row
+    assert float(row["loss"]) > 0
 
 
-def test_benchmark_quick(tmp_path):
-    """Also the one run in a fresh interpreter: the benchmark imports the script as a user would."""
-    result = run_script("benchmarks/nnclr_cost.py", "--quick", "--csv", str(tmp_path / "bench.csv"), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_csv(tmp_path / "bench.csv")
-    assert [r["piece"] for r in rows] == ["backbone_fwd_bwd", "nn_lookup", "kmeans_step", "loss_fwd_bwd"]
-    assert all(float(r["median_ms"]) > 0 for r in rows)
+# ---- bad input: one line, exit status 2 ----
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--temperature", "0"], "--temperature must be > 0"), (["--temperature", "nan"], "must be finite"),
+    (["--momentum", "1"], "0 <= --momentum < 1"), (["--momentum", "-0.5"], "0 <= --momentum < 1"),
+    (["--weight_decay", "-1"], "--weight_decay >= 0"), (["--lr", "0"], "--lr must be > 0"),
+    (["--queue_size", "0"], "--queue_size must be > 0"), (["--num_prototypes", "0"], "--num_prototypes"),
+    (["--feature_dim", "0"], "--feature_dim"), (["--hidden_dim", "0"], "--hidden_dim"),
+    (["--pred_dim", "0"], "--pred_dim"), (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
+    (["--reset_every", "-1"], "--reset_every must be >= 0"), (["--method", "swav"], "invalid choice"),
+    (["--batch_size", "1"], "--batch_size"), (["--blur_p", "2"], "--blur_p must be in [0, 1]"),
+    (["--kmeans_metric", "cosine"], "unrecognized arguments"), (["--subset", "4"], "fewer than --batch_size"),
+    (["--data_dir", "/nonexistent"], "no images in /nonexistent")])
+def test_bad_flags_are_one_line(flags, fragment, image_folder, capsys, tmp_path):
+    main_error([*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", tmp_path, *flags], capsys,
+               fragment)
+
+
+def test_bad_checkpoints_are_one_line(first_epoch, tmp_path, capsys, monkeypatch):
+    (tmp_path / "random.pt").write_bytes(os.urandom(5000))
+    (tmp_path / "text.pt").write_text("epoch,loss\n1,2.0\n")
+    for name in ("random.pt", "text.pt"):
+        main_error(["--resume", tmp_path / name], capsys, "is not a checkpoint (not written by torch.save")
+    ckpt = torch.load(first_epoch / "last.pt", weights_only=True)
+    for key, value, fragment in [("script", "moco_mochi.py", "not a checkpoint of nnclr_kmclr.py"),
+                                 ("optimizer", None, "lacks optimizer")]:
+        torch.save({k: v for k, v in {**ckpt, key: value}.items() if v is not None}, tmp_path / "bad.pt")
+        main_error(["--resume", tmp_path / "bad.pt"], capsys, fragment)
+    for key, value in [("rows", torch.zeros(24, 5)), ("projector.6.weight", torch.zeros(3, 3))]:
+        torch.save({**ckpt, "model": {**ckpt["model"], key: value}}, tmp_path / "shape.pt")
+        main_error(["--resume", tmp_path / "shape.pt", "--epochs", "2"], capsys, "does not fit", key)
+    main_error(["--resume", first_epoch / "last.pt", "--epochs", "1"], capsys, "has trained 1 epochs")
+    main_error(["--resume", first_epoch / "last.pt", "--epochs", "2", "--method", "kmclr"], capsys,
+               "--method: a resumed run keeps")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: refused before any process group
+    main_error(["--resume", first_epoch / "last.pt", "--epochs", "2"], capsys, "resume it on as many")
+
+
+@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "1"], ["--gpu_aug"]])
+def test_a_corrupt_image_is_one_line_naming_it(extra, tmp_path, image_folder, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = data / "train" / "class2" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    main_error([*TINY, "--data_dir", data, "--subset", "0", "--epochs", "1", "--out_dir", tmp_path / "run",
+                *extra], capsys, f"cannot read image {bad}")

@@ -1,7 +1,8 @@
-"""ring_nce.py end to end on the generated image folder (IR, MoCo, CMC, each with and without the
-ring), exact resume including the bank, queue and annealed ring, the checkpoint contract, and bad input."""
+"""ring_nce.py end to end on the generated image folder: the original defaults and augmentation
+recipes (as literals, with their sources), exact resume after an interruption (IR, MoCo, CMC, and
+--gpu_aug), what an evaluation reads from last.pt, the monitor's columns, and bad input."""
 import csv
-import json
+import pathlib
 import shutil
 
 import pytest
@@ -13,9 +14,9 @@ import ring_nce
 TINY = ["--dataset", "folder", "--arch", "resnet18", "--width", "4", "--crop_size", "16", "--batch_size", "16",
         "--workers", "0", "--subset", "32", "--queue_size", "32", "--num_negatives", "24", "--hidden_dim", "16",
         "--feature_dim", "8", "--knn_k", "5"]
-RING = ["--ring_lower", "0.1", "--ring_upper", "0.5", "--ring_anneal", "linear", "--anneal_epochs", "2"]
-NO_RING = ["--ring_lower", "0", "--ring_upper", "1", "--lr_steps", "1"]
-VARIANTS = [(m, ring) for m in ("ir", "moco", "cmc") for ring in (True, False)]
+RING = ["--ring_lower", "0.1", "--ring_upper", "0.6"]  # ranks [3, 19) of the 32 queue keys or bank rows
+TIME = ("epoch_seconds", "images_per_sec")
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def read_csv(path):
@@ -23,173 +24,229 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def train(out, *flags):
-    ring_nce.main([*TINY, *flags, "--out_dir", str(out)])
-    return torch.load(out / "last.pt", weights_only=True)
-
-
-@pytest.mark.parametrize("method,ring", VARIANTS)
-def test_end_to_end_and_exact_resume(method, ring, image_folder, tmp_path):
-    flags = ["--data_dir", image_folder, "--method", method, *(RING if ring else NO_RING)]
-    straight = train(tmp_path / "straight", *flags, "--epochs", "2")
-    first = train(tmp_path / "resumed", *flags, "--epochs", "1")
-    ring_nce.main(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "2"])
-    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert first["epoch"] == 1 and resumed["epoch"] == straight["epoch"] == 2
-    # bit for bit: weights, BatchNorm statistics, key encoder, bank / queue / pointer, optimizer
-    for key, value in straight["model"].items():
-        assert torch.equal(resumed["model"][key], value), key
-    momentum = [c["optimizer"]["state"][0]["momentum_buffer"] for c in (resumed, straight)]
-    assert torch.equal(*momentum)
-    pools = {"ir": ["bank"], "moco": ["queue"], "cmc": ["bank", "bank_ab"]}[method]
-    for name in pools:  # the pools moved during the second epoch, so they were saved and restored
-        assert name in first["model"] and not torch.equal(first["model"][name], straight["model"][name]), name
-    rows, rows_straight = read_csv(tmp_path / "resumed" / "metrics.csv"), read_csv(tmp_path / "straight" / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["1", "2"]
-    columns = ["loss", "lr", "knn_top1", "knn_top5", "ring_lower", "ring_upper", "ring_size", "negatives"]
-    assert [[r[c] for c in columns] for r in rows] == [[r[c] for c in columns] for r in rows_straight]
-    pool = 32  # the queue, or the bank of the 32-image subset
-    if ring:  # linear anneal over 2 epochs: upper 1.0 then 0.75, lower keeps a fifth of upper
-        assert [(float(r["ring_lower"]), float(r["ring_upper"])) for r in rows] == [(0.2, 1.0), (0.15, 0.75)]
-        assert [int(r["ring_size"]) for r in rows] == [pool - pool // 5, 3 * pool // 4 - int(0.15 * pool)]
-        assert resumed["ring"] == pytest.approx([0.15, 0.75])
-    else:
-        assert {int(r["ring_size"]) for r in rows} == {pool} and [float(r["lr"]) for r in rows] == [0.03, 0.003]
-    negatives = [int(r["negatives"]) for r in rows]
-    assert negatives == ([int(r["ring_size"]) for r in rows] if method == "moco" else [24, 24])
-    check_checkpoint(straight, method, image_folder)
-
-
-def check_checkpoint(ckpt, method, image_folder):
-    """What an evaluator does with last.pt: common.build_backbone from ckpt["args"], then the head."""
-    args = ckpt["args"]
-    assert ckpt["script"] == "ring_nce.py" and args["method"] == method and ckpt["world_size"] == 1
-    backbone = common.build_backbone(args["arch"], args["stem"], args["width"], args["stem_padding"])
-    backbone.load_state_dict(ckpt["backbone"])
-    assert backbone.out_dim == 32
-    if method == "cmc":  # the L and ab encoders side by side; the input is normalised Lab
-        assert args["input_space"] == "lab" and args["lab_mean"] == list(ring_nce.LAB_MEAN)
-        assert torch.equal(ckpt["backbone"]["conv1.weight"][:2, 1:], torch.zeros(2, 2, 3, 3))
-        assert torch.equal(ckpt["backbone"]["conv1.weight"][:2, :1], ckpt["model"]["encoder.l.backbone.conv1.weight"])
-    else:
-        assert "input_space" not in args
-        assert torch.equal(ckpt["backbone"]["conv1.weight"], ckpt["model"]["encoder.backbone.conv1.weight"])
-    layout = ckpt["head"]["layout"]
-    assert [layer[1] for layer in layout] == ["linear", "relu", "linear"]
-    assert layout[0][2] == 32 and layout[-1][3] == (16 if method == "cmc" else 8)
-    json.dumps(args)  # plain types only
-
-
-def test_untrained_baseline(image_folder, tmp_path):
-    ckpt = train(tmp_path / "untrained", "--data_dir", image_folder, "--method", "cmc", "--epochs", "0")
-    rows = read_csv(tmp_path / "untrained" / "metrics.csv")
-    assert ckpt["epoch"] == 0 and rows[0]["epoch"] == "0" and rows[0]["loss"] == "" and float(rows[0]["knn_top1"]) > 0
-
-
-def assert_exit_2(argv, fragment, capsys):
+def main_error(argv, capsys, *fragments):
+    """ring_nce.main in this process: SystemExit 2, no traceback, exactly one stderr line
+    `ring_nce.py: error: ...` holding every fragment."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as stop:
         ring_nce.main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert exit_info.value.code == 2 and "Traceback" not in err, err
-    assert lines[-1].startswith("ring_nce.py: error: ") and fragment in lines[-1], err
-    assert len(lines) == 1 or lines[0].startswith("usage:"), err
+    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("ring_nce.py: error: ") and all(f in lines[0] for f in fragments), lines
 
+
+# -------------------------------------------------------------------------------------------------
+# Defaults and recipes
+# -------------------------------------------------------------------------------------------------
+
+def test_defaults_are_the_originals():
+    a = ring_nce.get_parser().parse_args([])
+    # mhw32/contrastive-ring-public config/pretrain/{nce,mocov2}/*.json: t 0.07, MoCo's k 4096 (queue), m 0.999
+    # (key encoder), optim_params lr 0.03, momentum 0.9, weight_decay 1e-4, batch_size 256, num_epochs 200
+    assert (a.temperature, a.queue_size, a.ema) == (0.07, 4096, 0.999)
+    assert (a.lr, a.momentum, a.weight_decay, a.batch_size, a.epochs) == (0.03, 0.9, 1e-4, 256, 200)
+    assert a.lr_steps == [136, 166]  # scripts/run.py lines 34-42: MoCoLRScheduler at int(0.68 E), int(0.83 E), E 200
+    # src/models/resnet2.py CustomResNet lines 24-25: resnet18, l1 Linear(512, 512), ReLU, l2 Linear(512, out_dim 128)
+    assert (a.arch, a.hidden_dim, a.feature_dim) == ("resnet18", 512, 128)
+    assert a.num_negatives == 4096  # NCE / NCERing k = 4096 (theirs: 4095 draws + the positive; README deviation)
+    assert (a.method, a.ring_lower, a.ring_upper) == ("moco", 0.0, 1.0)  # no ring: the base method
+    for method, m in (("ir", 0.0), ("moco", 0.0), ("cmc", 0.5)):  # nce*.json "m": 0; train_CMC.py --nce_m 0.5
+        args = ring_nce.get_parser().parse_args(["--method", method])
+        ring_nce.rules(args)
+        assert args.bank_momentum == m
+    args = ring_nce.get_parser().parse_args(["--method", "cmc", "--bank_momentum", "0"])
+    ring_nce.rules(args)
+    assert args.bank_momentum == 0.0
+
+
+class Loaded(Exception):
+    pass
+
+
+def load_call(monkeypatch, tmp_path, *flags):
+    """What main passes to load_data: the recipe (both --gpu_aug and the PIL path get it), views, to_input."""
+    seen = {}
+
+    def fake(args, parser, device, recipe, views=2, split="train", to_input=None):
+        seen.update(args=args, recipe=recipe, views=views, split=split, to_input=to_input)
+        raise Loaded
+
+    monkeypatch.setattr(ring_nce, "load_data", fake)
+    with pytest.raises(Loaded):
+        ring_nce.main([*flags, "--out_dir", str(tmp_path)])
+    return seen
+
+
+@pytest.mark.parametrize("method", ["ir", "moco"])
+def test_recipe_of_ir_and_moco(method, monkeypatch, tmp_path):
+    # src/datasets/datasets.py load_default_transforms (lines 150-166): RandomResizedCrop(224, scale=(0.2, 1.)),
+    # RandomGrayscale(p=0.2), ColorJitter(0.4, 0.4, 0.4, 0.4) always, flip, ImageNet's mean and std
+    seen = load_call(monkeypatch, tmp_path, "--method", method)
+    assert seen["recipe"] == {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.4), "jitter_p": 1.0,
+                              "grayscale_p": 0.2, "blur_p": 0.0, "normalize": IMAGENET}
+    assert seen["views"] == (2 if method == "moco" else 1) and seen["to_input"] is None
+    assert seen["split"] == "train" and seen["args"].crop_size == 32  # 32 px (theirs: CIFAR upsampled to 224)
+
+
+def test_recipe_of_cmc(monkeypatch, tmp_path):
+    # HobbitLong/CMC train_CMC.py get_train_loader (lines 143-149): RandomResizedCrop(scale=(crop_low 0.2, 1.)), flip,
+    # Lab normalised with CMC's constants (to_input: on the device for both data paths)
+    seen = load_call(monkeypatch, tmp_path, "--method", "cmc")
+    assert seen["recipe"] == {"scale": (0.2, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0,
+                              "normalize": None}
+    assert seen["views"] == 1 and seen["to_input"] is ring_nce.lab_input
+
+
+@pytest.mark.parametrize("flags,key,value", [
+    (["--blur_p", "0.3"], "blur_p", 0.3),
+    (["--norm", "cifar10"], "normalize", ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))),
+    (["--norm", "none"], "normalize", None),
+    (["--norm", "auto", "--dataset", "cifar100"], "normalize", ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)))])
+def test_augmentation_flags_land_in_the_recipe(flags, key, value, monkeypatch, tmp_path):
+    seen = load_call(monkeypatch, tmp_path, "--method", "ir", *flags)
+    assert seen["recipe"][key] == value
+    assert load_call(monkeypatch, tmp_path, "--crop_size", "24", "--gpu_aug")["args"].crop_size == 24
+
+
+# -------------------------------------------------------------------------------------------------
+# Training, exact resume, last.pt
+# -------------------------------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,extra", [("ir", []), ("moco", []), ("cmc", []), ("cmc", ["--gpu_aug"]),
+                                          ("moco", ["--gpu_aug"])])
+def test_resume_after_an_interruption_is_exact(method, extra, image_folder, tmp_path, monkeypatch):
+    flags = [*TINY, *RING, "--data_dir", image_folder, "--method", method, "--epochs", "2", "--lr_steps", "1", *extra]
+    ring_nce.main([*flags, "--out_dir", str(tmp_path / "straight")])
+    end_epoch = ring_nce.end_epoch
+
+    def first_only(*args):
+        end_epoch(*args)
+        raise Interrupted
+
+    monkeypatch.setattr(ring_nce, "end_epoch", first_only)
+    with pytest.raises(Interrupted):
+        ring_nce.main([*flags, "--out_dir", str(tmp_path / "resumed")])
+    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    monkeypatch.setattr(ring_nce, "end_epoch", end_epoch)
+    ring_nce.main(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "2"])
+    straight, resumed = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert first["epoch"] == 1 and resumed["epoch"] == straight["epoch"] == 2
+    for part in ("model", "backbone"):  # weights, BatchNorm statistics, key encoder, queue and ids, banks
+        assert straight[part].keys() == resumed[part].keys()
+        assert all(torch.equal(resumed[part][k], v) for k, v in straight[part].items()), part
+    assert all(torch.equal(resumed["head"]["state"][k], v) for k, v in straight["head"]["state"].items())
+    momentum = [[s["momentum_buffer"] for s in c["optimizer"]["state"].values()] for c in (resumed, straight)]
+    assert all(torch.equal(a, b) for a, b in zip(*momentum))
+    for pool in ("queue", "queue_ids", "bank"):  # the memories moved in epoch 2: they were saved and restored
+        if pool in straight["model"]:
+            assert not torch.equal(first["model"][pool], straight["model"][pool])
+    rows = [[{k: v for k, v in r.items() if k not in TIME} for r in read_csv(tmp_path / d / "metrics.csv")]
+            for d in ("straight", "resumed")]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[0]] == ["1", "2"]
+    assert [float(r["lr"]) for r in rows[0]] == [0.03, 0.003]  # x0.1 from the --lr_steps epoch on (0-based)
+    for r in rows[0]:  # the monitor: fractions, the band above the ring included (lower > 0)
+        assert all(0 <= float(r[c]) <= 1 for c in ("fn_rate", "fn_rate_hard", "fn_rate_above"))
+        assert 0 <= float(r["knn_top1"]) <= 100
+    evaluation_reads(straight, method)
+
+
+def evaluation_reads(ckpt, method):
+    """What linear_eval.py does with last.pt: common.build_backbone from ckpt["args"], the head from
+    its layout, CMC's Lab input from the args."""
+    args = ckpt["args"]
+    assert ckpt["script"] == "ring_nce.py" and args["method"] == method
+    backbone = common.build_backbone(args["arch"], args["stem"], args["width"], args["stem_padding"])
+    backbone.load_state_dict(ckpt["backbone"])
+    layout = ckpt["head"]["layout"]
+    assert [layer[1] for layer in layout] == ["linear", "relu", "linear"]
+    assert layout[0][2] == backbone.out_dim == 32 and layout[-1][3] == (16 if method == "cmc" else 8)
+    if method == "cmc":
+        assert (args["input_space"], args["lab_mean"], args["lab_std"]) == ("lab", [50.0, 6.025, -6.6895],
+                                                                            [50.0, 92.208, 101.1675])
+    else:
+        assert "input_space" not in args
+        assert torch.equal(ckpt["backbone"]["conv1.weight"], ckpt["model"]["encoder_q.backbone.conv1.weight"])
+
+
+def test_untrained_network_and_an_unlabelled_folder(image_folder, tmp_path):
+    ring_nce.main([*TINY, "--data_dir", image_folder, "--method", "cmc", "--epochs", "0", "--out_dir",
+                   str(tmp_path / "untrained")])
+    rows = read_csv(tmp_path / "untrained" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0"] and 0 < float(rows[0]["knn_top1"]) <= 100 and "loss" not in rows[0]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(pathlib.Path(image_folder, "train").glob("*/*.png"))):
+        shutil.copy(path, flat / f"{i}.png")
+    ring_nce.main([*TINY, *RING, "--data_dir", str(flat), "--method", "ir", "--epochs", "1", "--out_dir",
+                   str(tmp_path / "flat_run")])
+    row = read_csv(tmp_path / "flat_run" / "metrics.csv")[0]
+    assert (row["fn_rate"], row["fn_rate_hard"], row["fn_rate_above"]) == ("", "", "") and "knn_top1" not in row
+
+
+# -------------------------------------------------------------------------------------------------
+# Bad input: exit status 2 and one line
+# -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--ring_lower", "0.5", "--ring_upper", "0.5"], "--ring_lower 0.5 must be below --ring_upper 0.5"),
-    (["--ring_lower", "0.6", "--ring_upper", "0.2"], "must be below"),
-    (["--ring_lower", "-0.1"], "fractions in [0, 1]"),
-    (["--ring_upper", "1.5"], "fractions in [0, 1]"),
-    (["--ring_upper", "nan"], "must be finite"),
-    (["--temperature", "inf"], "must be finite"),
-    (["--method", "ir", "--ring_lower", "0.01", "--ring_upper", "0.015"], "leave no candidates in the 32-entry bank"),
-    (["--method", "moco", "--ring_lower", "0.5", "--ring_upper", "0.51"], "leave no candidates in the 32-entry queue"),
-    (["--method", "ir", "--ring_lower", "0.01", "--ring_upper", "0.015", "--ring_anneal", "step", "--epochs", "100"],
-     "(epoch 91: ranks [0, 0))"),  # annealed: empty from the last plateau on
-    (["--method", "moco", "--queue_size", "40"], "--queue_size 40 must be a multiple of --batch_size 16"),
-    (["--method", "cmc", "--width", "5"], "needs an even --width"),
-    (["--width", "0"], "--width"),
-    (["--num_negatives", "0"], "--num_negatives"),
-    (["--bank_momentum", "1"], "--bank_momentum in [0, 1)"),
-    (["--subset", "8"], "8 training images are fewer than one batch of 16"),
-])
-def test_bad_input_exits_with_one_line(flags, fragment, image_folder, tmp_path, capsys):
-    assert_exit_2([*TINY, "--data_dir", image_folder, "--epochs", "1", *flags, "--out_dir", str(tmp_path / "x")],
-                  fragment, capsys)
+    (["--ring_lower", "0.5", "--ring_upper", "0.5"], "need 0 <= --ring_lower < --ring_upper <= 1"),
+    (["--ring_lower", "-0.1"], "need 0 <= --ring_lower"),
+    (["--ring_upper", "1.5"], "need 0 <= --ring_lower"),
+    (["--ring_upper", "nan"], "--ring_upper must be finite"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--method", "ir", "--ring_lower", "0.01", "--ring_upper", "0.015"], "no ring [0.01, 0.015) of 32 candidates"),
+    (["--method", "moco", "--ring_lower", "0.5", "--ring_upper", "0.51"], "no ring [0.5, 0.51) of 32 candidates"),
+    (["--method", "moco", "--queue_size", "40"], "--queue_size must be a multiple of --batch_size"),
+    (["--method", "cmc", "--width", "5"], "--method cmc halves --width"),
+    (["--method", "cmc", "--norm", "cifar10"], "--method cmc crops and flips only"),
+    (["--method", "cmc", "--blur_p", "0.5"], "--method cmc crops and flips only"),
+    (["--num_negatives", "0"], "--num_negatives must be > 0"),
+    (["--bank_momentum", "1"], "need --bank_momentum in [0, 1)"),
+    (["--ema", "1.5"], "--ema in [0, 1]"),
+    (["--subset", "8"], "8 training images, fewer than --batch_size 16")])
+def test_bad_flags(flags, fragment, image_folder, tmp_path, capsys):
+    main_error([*TINY, "--data_dir", image_folder, "--epochs", "1", *flags, "--out_dir", str(tmp_path / "x")],
+               capsys, fragment)
     assert not (tmp_path / "x" / "last.pt").exists()
 
 
-def test_bad_data_and_checkpoints(image_folder, tmp_path, capsys):
-    assert_exit_2([*TINY, "--data_dir", str(tmp_path / "none")], "no images in", capsys)
-    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 truncated")
-    assert_exit_2(["--resume", str(tmp_path / "junk.pt")], "cannot read checkpoint", capsys)
-    torch.save({"script": "moco_mochi.py", "args": {}}, tmp_path / "other.pt")
-    assert_exit_2(["--resume", str(tmp_path / "other.pt")], "not a checkpoint of ring_nce.py", capsys)
-    (tmp_path / "file").write_text("")
-    assert_exit_2([*TINY, "--data_dir", image_folder, "--out_dir", str(tmp_path / "file" / "sub")], "cannot write", capsys)
+def test_bad_checkpoints_and_resumes(image_folder, tmp_path, capsys, monkeypatch):
+    ring_nce.main([*TINY, "--data_dir", image_folder, "--method", "moco", "--epochs", "1", "--eval_every", "0",
+                   "--out_dir", str(tmp_path / "run")])
+    last = str(tmp_path / "run" / "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    (tmp_path / "random.pt").write_bytes(torch.randint(0, 256, (300,), dtype=torch.uint8).numpy().tobytes())
+    (tmp_path / "text.pt").write_text("epoch 1\n")
+    torch.save({**ckpt, "script": "moco_mochi.py"}, tmp_path / "other.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, tmp_path / "lacks.pt")
+    torch.save({**ckpt, "model": {**ckpt["model"], "queue": torch.zeros(8, 8)}}, tmp_path / "shape.pt")
+    for name, fragment in [("random.pt", "is not a checkpoint"), ("text.pt", "is not a checkpoint"),
+                           ("other.pt", "is not a checkpoint of ring_nce.py"), ("lacks.pt", "lacks optimizer"),
+                           ("shape.pt", "does not fit the model"), ("missing.pt", "no checkpoint at")]:
+        main_error(["--resume", str(tmp_path / name), "--epochs", "2"], capsys, fragment)
+    main_error(["--resume", last, "--epochs", "1"], capsys, "has trained 1 epochs")
+    main_error(["--resume", last, "--epochs", "2", "--ring_upper", "0.5"], capsys,
+               "--ring_upper: a resumed run keeps the checkpoint's values")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main_error(["--resume", last, "--epochs", "2"], capsys, "ran on 1 process(es): resume it on as many")
 
 
-def test_resume_keeps_settings(image_folder, tmp_path, capsys):
-    run = tmp_path / "run"
-    train(run, "--data_dir", image_folder, "--method", "ir", "--epochs", "1", "--eval_every", "0")
-    assert_exit_2(["--resume", str(run / "last.pt"), "--ring_upper", "0.5"], "--ring_upper 0.5 differs", capsys)
-    shutil.copy(run / "last.pt", tmp_path / "copy.pt")
-    ring_nce.main(["--resume", str(tmp_path / "copy.pt"), "--epochs", "1"])  # nothing left to do: no error
-
-
-@pytest.mark.parametrize("flags,momentum", [(["--method", "ir"], 0.0), (["--method", "moco"], 0.0),
-                                            (["--method", "cmc"], 0.5), (["--method", "cmc", "--bank_momentum", "0"], 0.0),
-                                            (["--method", "ir", "--bank_momentum", "0.3"], 0.3)])
-def test_bank_momentum_default_per_method(flags, momentum):
-    """IR's bank is overwritten (the Ring code's m = 0); CMC's rows move halfway (CMC's nce_m = 0.5)."""
-    parser = ring_nce.get_parser()
-    args = parser.parse_args(flags)
-    ring_nce.check_args(parser, args)
-    assert args.bank_momentum == momentum
+@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "1"], ["--gpu_aug"]])
+def test_a_corrupt_image_is_one_line_naming_it(extra, tmp_path, image_folder, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    bad = data / "train" / "class2" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    main_error([*TINY, "--subset", "0", "--data_dir", str(data), "--method", "cmc", "--epochs", "1", "--out_dir",
+                str(tmp_path / "run"), *extra], capsys, f"cannot read image {bad}")
 
 
 def test_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as stop:
         ring_nce.main(["--help"])
     text = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "GLOBAL batch" in text and "--k_moco" in text and "thres_outer" in text
-
-
-@pytest.mark.parametrize("method", ["ir", "moco", "cmc"])
-def test_one_step_sees_the_pools_before_the_batch(method):
-    """batch_loss scores the bank / queue as it was before the batch (the positive of IR is the row
-    written at the image's previous visit; CMC's L anchors meet the ab bank and vice versa); the
-    pools change only in update_pools, which writes this batch's normalised outputs."""
-    args = ring_nce.get_parser().parse_args([*TINY, "--method", method, "--ring_lower", "0.1", "--ring_upper", "0.6",
-                                             "--bank_momentum", "0"])
-    torch.manual_seed(0)
-    model = ring_nce.RingModel(args, 40)
-    x, index = torch.randn(6, 3, 8, 8), torch.tensor([3, 17, 5, 39, 0, 22])
-    batch = (x, x.flip(3), torch.zeros(6), index) if method == "moco" else (x, torch.zeros(6), index)
-    before = {n: b.clone() for n, b in model.named_buffers() if n in ("queue", "queue_ptr", "bank", "bank_ab")}
-    torch.manual_seed(1)
-    loss, new = ring_nce.batch_loss(model.encoder, model, batch, args, 0.1, 0.6, torch.device("cpu"), None)
-    for name, value in before.items():
-        assert torch.equal(getattr(model, name), value), name
-    torch.manual_seed(1)  # the same negative draws (the forward passes draw no random numbers)
-    t, n = args.temperature, args.num_negatives
-    if method == "ir":
-        expected = ring_nce.sampled_ring_nce_loss(model.encoder(x), before["bank"][index], before["bank"], t, 0.1, 0.6, n)
-    elif method == "cmc":
-        zl, zab = model.encoder(x)
-        expected = (ring_nce.sampled_ring_nce_loss(zl, before["bank_ab"][index], before["bank_ab"], t, 0.1, 0.6, n)
-                    + ring_nce.sampled_ring_nce_loss(zab, before["bank"][index], before["bank"], t, 0.1, 0.6, n))
-    else:
-        expected = ring_nce.ring_nce_loss(model.encoder(x), new, before["queue"], t, 0.1, 0.6)
-        assert torch.equal(new, model.key_encoder(x.flip(3)))  # keys: the key encoder on the second view
-    torch.testing.assert_close(loss, expected)
-    ring_nce.update_pools(model, new, args)
-    if method == "moco":
-        torch.testing.assert_close(model.queue[:6], torch.nn.functional.normalize(new, dim=1))
-        assert torch.equal(model.queue[6:], before["queue"][6:]) and int(model.queue_ptr) == 6
-    else:
-        outputs = [new[1]] if method == "ir" else [new[1], new[2]]
-        for name, z in zip(["bank", "bank_ab"], outputs):
-            torch.testing.assert_close(getattr(model, name)[index], torch.nn.functional.normalize(z, dim=1))
+    assert stop.value.code == 0 and "GLOBAL batch" in text and "thres_outer" in text and "--ema" in text
