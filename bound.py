@@ -812,30 +812,15 @@ def image_error(err):
     return found[-1].strip() if found else None
 
 
-def rgb_to_lab(rgb):
-    """CIE L*a*b* (D65 white) of sRGB values in [0, 1], channels at dim -3 (skimage's rgb2lab):
-    L in [0, 100], a in [-86.2, 98.2], b in [-107.9, 94.5] over the sRGB gamut."""
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz_from_rgb = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                                 [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype,
-                                device=rgb.device)
-    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=rgb.dtype, device=rgb.device)
-    xyz = torch.einsum("ij,...jhw->...ihw", xyz_from_rgb / white[:, None], linear)
-    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
-    fx, fy, fz = f.unbind(-3)
-    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
-
-
 class LabInput:
-    """ring_nce.py's CMC input: an RGB transform (tensor in [0, 1]), then Lab normalised with the
+    """ring_nce.py's CMC input: an RGB transform (tensor in [0, 1]), then common.lab_input with the
     run's `lab_mean` and `lab_std` (its checkpoint's args)."""
 
     def __init__(self, transform, mean, std):
-        self.transform = transform
-        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+        self.transform, self.stats = transform, (mean, std)
 
     def __call__(self, img):
-        return (rgb_to_lab(self.transform(img)) - self.mean) / self.std
+        return common.lab_input(self.transform(img), self.stats)
 
 
 def build_data(ckpt, data_dir, views=()):
@@ -1334,8 +1319,10 @@ def plot(args):
 # ------------------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `prog: error: message`, exit status 2, printed by rank 0
-    alone under torchrun (--help still prints the usage)."""
+    """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kwargs})
 
     def error(self, message):
         if os.environ.get("RANK", "0") == "0":

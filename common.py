@@ -242,6 +242,31 @@ class RandomGaussianBlur:
         return Image.fromarray(cv2.GaussianBlur(np.asarray(img), (k, k), sigma))
 
 
+# CMC's Lab input (HobbitLong/CMC train_CMC.py): each channel's middle and half-range over sRGB
+LAB_STATS = ((50.0, 6.025, -6.6895), (50.0, 92.208, 101.1675))
+
+
+def rgb_to_lab(rgb):
+    """CIE L*a*b* (D65 white) of sRGB values in [0, 1], channels at dim -3 (skimage's rgb2lab):
+    L in [0, 100], a in [-86.2, 98.2], b in [-107.9, 94.5] over the sRGB gamut."""
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz_from_rgb = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                                 [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype,
+                                device=rgb.device)
+    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=rgb.dtype, device=rgb.device)
+    xyz = torch.einsum("ij,...jhw->...ihw", xyz_from_rgb / white[:, None], linear)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+
+
+def lab_input(rgb, stats=LAB_STATS):
+    """CMC's network input: the Lab image of RGB in [0, 1] ([..., 3, H, W]), normalised per
+    channel with stats = (mean, std): channel 0 is CMC's L view, channels 1-2 its ab view."""
+    mean, std = (torch.tensor(v, dtype=rgb.dtype, device=rgb.device)[:, None, None] for v in stats)
+    return (rgb_to_lab(rgb) - mean) / std
+
+
 def blur_kernel_size(crop_size):
     """10% of the crop, made odd (SimCLR's rule; 3 at 32 px as in DCL/HCL)."""
     k = max(3, int(0.1 * crop_size))

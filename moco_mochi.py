@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import common
@@ -306,7 +306,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kwargs})
 
     def error(self, message):
         if os.environ.get("RANK", "0") == "0":
@@ -348,14 +348,16 @@ def shared_flags(parser, **defaults):
 
 MAY_CHANGE = ("epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision",
               "gpu_aug", "compile")
-POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim", "hidden_dim",
-            "queue_size", "num_chunks", "num_negatives", "num_prototypes", "pred_dim", "embed_dim")
+POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim",
+            "hidden_dim", "queue_size", "num_chunks", "num_negatives", "num_prototypes",
+            "pred_dim", "embedding_dim")
 
 
 def setup(parser, argv, rules):
     """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
-    ints >= 0, *_p in [0, 1], POSITIVE > 0, the script's rules(args)) and --resume's checkpoint
-    (its flags win but MAY_CHANGE's), joins the process group, seeds by rank, writes args.json."""
+    ints >= 0, *_p in [0, 1], *momentum in [0, 1), POSITIVE > 0, the script's rules(args)) and
+    --resume's checkpoint (its flags win, but MAY_CHANGE's), joins the process group, seeds by
+    rank, writes args.json."""
     args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
     if args.resume:
         try:
@@ -363,7 +365,8 @@ def setup(parser, argv, rules):
         except FileNotFoundError:
             parser.error(f"no checkpoint at {args.resume}")
         except Exception:  # random bytes, text, a truncated file, objects other than tensors
-            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or damaged)")
+            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or "
+                         "damaged)")
         if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
             parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
         missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
@@ -380,10 +383,13 @@ def setup(parser, argv, rules):
                   f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
                  (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
                   f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
-    for name, v in vars(args).items():
-        need = ("finite" if type(v) is float and not math.isfinite(v) else ">= 0" if type(v) is int
-                and v < 0 else "in [0, 1]" if name.endswith("_p") and not 0 <= v <= 1 else "> 0"
-                if name in POSITIVE and not v > 0 else "")
+    for name, v in vars(args).items():  # the first rule a value breaks, by type and name
+        need = next((rule for bad, rule in [
+            (type(v) is float and not math.isfinite(v), "finite"),
+            ((type(v) is int or name in ("weight_decay", "warmup_epochs")) and v < 0, ">= 0"),
+            (name.endswith("_p") and not 0 <= v <= 1, "in [0, 1]"),
+            (name.endswith("momentum") and type(v) is float and not 0 <= v < 1, "in [0, 1)"),
+            (name in POSITIVE and not v > 0, "> 0")] if bad), "")
         if need:
             parser.error(f"--{name} must be {need}, got {v}")
     for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
@@ -549,8 +555,8 @@ def distribute(model, trained, args, device):
     if world() > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, 0) if torch.is_tensor(t) else None
-        trained = nn.parallel.DistributedDataParallel(trained, [device.index] if device.type == "cuda"
-                                                      else None)
+        ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(trained, ids)
     return torch.compile(trained) if args.compile else trained
 
 
@@ -564,7 +570,8 @@ def head_layout(head):
 
 def end_epoch(args, row, history, state):
     """A non-finite loss stops the run (last.pt keeps the last good epoch); else the row joins
-    metrics.csv, and rank 0 prints it and replaces last.pt atomically (temporary file, os.replace)."""
+    metrics.csv, and rank 0 prints it and replaces last.pt atomically (a temporary file, then
+    os.replace)."""
     path = os.path.join(args.out_dir, "last.pt")
     if not math.isfinite(row.get("loss", 0.0)):
         if rank() == 0:

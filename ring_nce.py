@@ -35,13 +35,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import common
-
-LAB_MEAN, LAB_STD = (50.0, 6.025, -6.6895), (50.0, 92.208, 101.1675)  # CMC's (train_CMC.py)
-
 
 def get_parser():
     p = Parser(prog="ring_nce.py", description="Ring (conditional negatives) on IR, MoCo and CMC.")
@@ -71,7 +68,6 @@ def rules(a):
         a.bank_momentum = 0.5 if a.method == "cmc" else 0.0
     cmc = a.method == "cmc"
     return [(0 <= a.ring_lower < a.ring_upper <= 1, "need 0 <= --ring_lower < --ring_upper <= 1"),
-            (0 <= a.bank_momentum < 1, "need --bank_momentum in [0, 1)"),
             (0 <= a.ema <= 1, "need --ema in [0, 1]"),
             (a.method != "moco" or a.queue_size % a.batch_size == 0,
              "--queue_size must be a multiple of --batch_size"),
@@ -183,26 +179,6 @@ def ring_nce_terms(q, k, candidates, temperature=0.07, lower=0.0, upper=1.0, dra
 def ring_nce_loss(q, k, candidates, temperature=0.07, lower=0.0, upper=1.0, draws=None):
     """The Ring code's MoCoRing (MoCo at 0, 1), with `draws` its NCERing (IR's NCE at 0, 1)."""
     return ring_nce_terms(q, k, candidates, temperature, lower, upper, draws)[0].mean()
-
-
-def rgb_to_lab(rgb):
-    """CIE L*a*b* (D65 white) of sRGB values in [0, 1], channels at dim -3 (skimage's rgb2lab):
-    L in [0, 100], a in [-86.2, 98.2], b in [-107.9, 94.5] over the sRGB gamut."""
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz_from_rgb = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                                 [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype,
-                                device=rgb.device)
-    white = torch.tensor([0.95047, 1.0, 1.08883], dtype=rgb.dtype, device=rgb.device)
-    xyz = torch.einsum("ij,...jhw->...ihw", xyz_from_rgb / white[:, None], linear)
-    f = torch.where(xyz > 0.008856, xyz.clamp_min(0.008856) ** (1 / 3), 7.787 * xyz + 16 / 116)
-    fx, fy, fz = f.unbind(-3)
-    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
-
-
-def lab_input(rgb):
-    """CMC's input: Lab of images in [0, 1] [b, 3, H, W], normalised with CMC's constants."""
-    mean, std = (torch.tensor(v, device=rgb.device)[:, None, None] for v in (LAB_MEAN, LAB_STD))
-    return (rgb_to_lab(rgb) - mean) / std
 
 
 @torch.no_grad()
@@ -325,13 +301,13 @@ def main(argv=None):
         {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_p": 1.0, "grayscale_p": 0.2,
          "normalize": common.normalization(args.norm, args.dataset)})}
     data = load_data(args, parser, device, recipe, 2 if moco else 1,
-                     to_input=lab_input if cmc else None)
+                     to_input=common.lab_input if cmc else None)
     try:  # the ring must hold candidates: of the queue, or of the bank (a row per image)
         ring_bounds(args.queue_size if moco else len(data.train), args.ring_lower, args.ring_upper)
     except ValueError as err:
         parser.error(f"--ring_lower, --ring_upper: {err}")
     if cmc:  # what an evaluation needs to rebuild the input
-        args.input_space, args.lab_mean, args.lab_std = "lab", list(LAB_MEAN), list(LAB_STD)
+        args.input_space, args.lab_mean, args.lab_std = "lab", *map(list, common.LAB_STATS)
 
     # ---- model (MoCo: shuffle BN, as MoCo; else SyncBN), optimizer, scaler; resume ----
     model = Ring(args, len(data.train)).to(device)
@@ -374,7 +350,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kwargs})
 
     def error(self, message):
         if os.environ.get("RANK", "0") == "0":
@@ -416,14 +392,16 @@ def shared_flags(parser, **defaults):
 
 MAY_CHANGE = ("epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision",
               "gpu_aug", "compile")
-POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim", "hidden_dim",
-            "queue_size", "num_chunks", "num_negatives", "num_prototypes", "pred_dim", "embed_dim")
+POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim",
+            "hidden_dim", "queue_size", "num_chunks", "num_negatives", "num_prototypes",
+            "pred_dim", "embedding_dim")
 
 
 def setup(parser, argv, rules):
     """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
-    ints >= 0, *_p in [0, 1], POSITIVE > 0, the script's rules(args)) and --resume's checkpoint
-    (its flags win but MAY_CHANGE's), joins the process group, seeds by rank, writes args.json."""
+    ints >= 0, *_p in [0, 1], *momentum in [0, 1), POSITIVE > 0, the script's rules(args)) and
+    --resume's checkpoint (its flags win, but MAY_CHANGE's), joins the process group, seeds by
+    rank, writes args.json."""
     args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
     if args.resume:
         try:
@@ -431,7 +409,8 @@ def setup(parser, argv, rules):
         except FileNotFoundError:
             parser.error(f"no checkpoint at {args.resume}")
         except Exception:  # random bytes, text, a truncated file, objects other than tensors
-            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or damaged)")
+            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or "
+                         "damaged)")
         if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
             parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
         missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
@@ -448,10 +427,13 @@ def setup(parser, argv, rules):
                   f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
                  (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
                   f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
-    for name, v in vars(args).items():
-        need = ("finite" if type(v) is float and not math.isfinite(v) else ">= 0" if type(v) is int
-                and v < 0 else "in [0, 1]" if name.endswith("_p") and not 0 <= v <= 1 else "> 0"
-                if name in POSITIVE and not v > 0 else "")
+    for name, v in vars(args).items():  # the first rule a value breaks, by type and name
+        need = next((rule for bad, rule in [
+            (type(v) is float and not math.isfinite(v), "finite"),
+            ((type(v) is int or name in ("weight_decay", "warmup_epochs")) and v < 0, ">= 0"),
+            (name.endswith("_p") and not 0 <= v <= 1, "in [0, 1]"),
+            (name.endswith("momentum") and type(v) is float and not 0 <= v < 1, "in [0, 1)"),
+            (name in POSITIVE and not v > 0, "> 0")] if bad), "")
         if need:
             parser.error(f"--{name} must be {need}, got {v}")
     for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
@@ -617,8 +599,8 @@ def distribute(model, trained, args, device):
     if world() > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, 0) if torch.is_tensor(t) else None
-        trained = nn.parallel.DistributedDataParallel(trained, [device.index] if device.type == "cuda"
-                                                      else None)
+        ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(trained, ids)
     return torch.compile(trained) if args.compile else trained
 
 
@@ -632,7 +614,8 @@ def head_layout(head):
 
 def end_epoch(args, row, history, state):
     """A non-finite loss stops the run (last.pt keeps the last good epoch); else the row joins
-    metrics.csv, and rank 0 prints it and replaces last.pt atomically (temporary file, os.replace)."""
+    metrics.csv, and rank 0 prints it and replaces last.pt atomically (a temporary file, then
+    os.replace)."""
     path = os.path.join(args.out_dir, "last.pt")
     if not math.isfinite(row.get("loss", 0.0)):
         if rank() == 0:

@@ -1,6 +1,6 @@
 """SimCLR with debiased (DCL) and hard (HCL) negatives, in one file.
 
-    python simclr_debiased.py --tau_plus 0.1                    # DCL on STL-10, the original settings
+    python simclr_debiased.py --tau_plus 0.1                  # DCL on STL-10, the original settings
     python simclr_debiased.py --tau_plus 0.1 --beta 1.0         # HCL, the paper's best
     python simclr_debiased.py --tau_plus 0 --beta 0             # plain SimCLR (NT-Xent)
     torchrun --standalone --nproc_per_node 4 simclr_debiased.py --dataset cifar10 --beta 1.0
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import common
@@ -49,7 +49,7 @@ def get_parser():
     shared_flags(p, dataset="stl10", arch="resnet50", norm="cifar10", blur_p=0.5, epochs=400,
                  lr=1e-3, weight_decay=1e-6, knn_t=0.5)
     g = p.add_argument_group("method")
-    g.add_argument("--k", dest="knn_k", type=int, default=argparse.SUPPRESS, help="= --knn_k (DCL's)")
+    g.add_argument("--k", dest="knn_k", type=int, default=argparse.SUPPRESS, help="= --knn_k")
     g.add_argument("--temperature", type=float, default=0.5, help="softmax temperature t")
     g.add_argument("--tau_plus", type=float, default=0.1, help="class prior in [0, 1) (0: SimCLR)")
     g.add_argument("--beta", type=float, default=0.0, help="hardness (0: DCL, 1: HCL)")
@@ -104,8 +104,9 @@ def contrastive_loss_terms(z1, z2, temperature=0.5, tau_plus=0.0, beta=0.0, gath
     every view 2; the global batch under torch.distributed). The estimator in log space, float32
     (float64 for float64 inputs) outside autocast, finite at any t, with LSE = logsumexp:
       log rew_i = log N + LSE_j (1 + beta) s_ij - LSE_j beta s_ij
-      log Ng_i  = log rew_i + log(1 - e^D_i) - log(1 - tau_plus)   (D_i = log(tau_plus N rew_i^-1) + s_i+)
-      loss_i    = softplus(max(log Ng_i, log N - 1/t) - s_i+)      (log Ng_i = -inf where D_i >= 0)"""
+      D_i       = log(tau_plus N) + s_i+ - log rew_i
+      log Ng_i  = log rew_i + log(1 - e^D_i) - log(1 - tau_plus)     (-inf where D_i >= 0)
+      loss_i    = softplus(max(log Ng_i, log N - 1/t) - s_i+)"""
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be [B, D], got {tuple(z1.shape)}, {tuple(z2.shape)}")
     if not (temperature > 0 and 0 <= tau_plus < 1 and beta >= 0):
@@ -120,19 +121,20 @@ def contrastive_loss_terms(z1, z2, temperature=0.5, tau_plus=0.0, beta=0.0, gath
             raise ValueError("need at least 2 images in the batch")
         logits = torch.cat([z1, z2]) @ torch.cat([all1, all2]).T / temperature           # [2b, 2B]
         pos = (z1 * z2).sum(dim=1).repeat(2) / temperature                                # [2b]
-        own = torch.arange(b) + (rank() * b if gather_negatives else 0)                   # [b]
-        rows, negative = torch.arange(2 * b), torch.ones_like(logits, dtype=torch.bool)
+        own = torch.arange(b, device=z1.device) + (rank() * b if gather_negatives else 0)  # [b]
+        rows, negative = torch.arange(2 * b, device=z1.device), torch.ones_like(logits).bool()
         negative[rows, torch.cat([own, own + B])] = False                                # self
         negative[rows, torch.cat([own + B, own])] = False                                # positive
         # beta * logits is masked after scaling: 0 * (-inf) would be nan at beta = 0.
-        log_rew = math.log(n) + (((1 + beta) * logits).masked_fill(~negative, -math.inf).logsumexp(1)
-                                 - (beta * logits).masked_fill(~negative, -math.inf).logsumexp(1))
-        log_ng = log_rew                                                                  # [2b]
+        log_rew = math.log(n) + (((1 + beta) * logits).masked_fill(~negative, -math.inf)
+                                 .logsumexp(1) - (beta * logits).masked_fill(~negative, -math.inf)
+                                 .logsumexp(1))                                        # [2b]
+        log_ng = log_rew
         if tau_plus > 0:
             d = math.log(tau_plus * n) + pos - log_rew                                    # [2b]
             d_safe = torch.where(d < 0, d, -1.0)  # no nan gradient from the branch not taken
             log1mexp = torch.where(d_safe > -math.log(2), torch.log(-torch.expm1(d_safe)),
-                                   torch.log1p(-torch.exp(d_safe)))                      # log(1 - e^d)
+                                   torch.log1p(-torch.exp(d_safe)))              # log(1 - e^d)
             log_ng = torch.where(d < 0, log_rew + log1mexp - math.log1p(-tau_plus), -math.inf)
         floor = math.log(n) - 1.0 / temperature
         clamped = ~(log_ng > floor)                                                       # [2b]
@@ -168,7 +170,8 @@ def make_optimizer(model, args, device):
     parameters named 'bias' or 'bn' (Nozawa & Sato's filter); fused kernels on GPUs."""
     fused = {"fused": True} if device.type == "cuda" else {}
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay, **fused)
+        return torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay,
+                                **fused)
     skip = [p for n, p in model.named_parameters() if "bias" in n or "bn" in n]
     return torch.optim.SGD([
         {"params": [p for p in model.parameters() if all(p is not q for q in skip)],
@@ -185,8 +188,8 @@ def train_step(net, optimizer, scaler, x1, x2, labels, args, dtype):
     for a, b, y in zip(z1.chunk(chunks), z2.chunk(chunks), labels.chunk(chunks)):
         loss, clamped, logits, negative = contrastive_loss_terms(
             a, b, args.temperature, args.tau_plus, args.beta, gather_negatives=one)
-        y, ys, logits = y.repeat(2), (gather(y) if one else y).repeat(2), logits.detach()  # [2b], [2B]
-        rates = negative_rates(logits, negative, y, ys)
+        logits, y, ys = logits.detach(), y.repeat(2), (gather(y) if one else y).repeat(2)
+        rates = negative_rates(logits, negative, y, ys)                       # anchors [2b], [2B]
         # HCL's weighting: the share of the reweighted negative mass on the anchor's own class
         mass = ((1 + args.beta) * logits).masked_fill(~negative | (ys < 0), -math.inf).softmax(1)
         rates["fn_weight"] = torch.where(y >= 0, (mass * (y[:, None] == ys)).sum(1), math.nan)
@@ -227,8 +230,8 @@ def main(argv=None):
 
     # ---- data: two views of each image (DCL/HCL's augmentation; STL-10: train+unlabeled) ----
     recipe = {"blur_p": args.blur_p, "normalize": common.normalization(args.norm, args.dataset)}
-    data = load_data(args, parser, device, recipe, split="train+unlabeled" if args.dataset == "stl10"
-                     else "train")
+    split = "train+unlabeled" if args.dataset == "stl10" else "train"
+    data = load_data(args, parser, device, recipe, split=split)
 
     # ---- model, optimizer, scaler; resume ----
     model = SimCLR(args).to(device)
@@ -242,7 +245,8 @@ def main(argv=None):
     def state(epoch):
         return {"script": parser.prog, "args": vars(args), "epoch": epoch,
                 "backbone": model.backbone.state_dict(), "model": model.state_dict(),
-                "head": {"layout": head_layout(model.projector), "state": model.projector.state_dict()},
+                "head": {"layout": head_layout(model.projector),
+                         "state": model.projector.state_dict()},
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
 
     # ---- training: a row of metrics.csv and last.pt per epoch (--epochs 0: the untrained net) ----
@@ -270,7 +274,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`prog: error: ...`, exit 2, from rank 0 alone)."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kwargs})
 
     def error(self, message):
         if os.environ.get("RANK", "0") == "0":
@@ -312,14 +316,16 @@ def shared_flags(parser, **defaults):
 
 MAY_CHANGE = ("epochs", "out_dir", "resume", "data_dir", "workers", "eval_every", "precision",
               "gpu_aug", "compile")
-POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim", "hidden_dim",
-            "queue_size", "num_chunks", "num_negatives", "num_prototypes", "pred_dim", "embed_dim")
+POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "feature_dim",
+            "hidden_dim", "queue_size", "num_chunks", "num_negatives", "num_prototypes",
+            "pred_dim", "embedding_dim")
 
 
 def setup(parser, argv, rules):
     """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
-    ints >= 0, *_p in [0, 1], POSITIVE > 0, the script's rules(args)) and --resume's checkpoint
-    (its flags win but MAY_CHANGE's), joins the process group, seeds by rank, writes args.json."""
+    ints >= 0, *_p in [0, 1], *momentum in [0, 1), POSITIVE > 0, the script's rules(args)) and
+    --resume's checkpoint (its flags win, but MAY_CHANGE's), joins the process group, seeds by
+    rank, writes args.json."""
     args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
     if args.resume:
         try:
@@ -327,7 +333,8 @@ def setup(parser, argv, rules):
         except FileNotFoundError:
             parser.error(f"no checkpoint at {args.resume}")
         except Exception:  # random bytes, text, a truncated file, objects other than tensors
-            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or damaged)")
+            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or "
+                         "damaged)")
         if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
             parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
         missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
@@ -344,10 +351,13 @@ def setup(parser, argv, rules):
                   f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
                  (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
                   f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
-    for name, v in vars(args).items():
-        need = ("finite" if type(v) is float and not math.isfinite(v) else ">= 0" if type(v) is int
-                and v < 0 else "in [0, 1]" if name.endswith("_p") and not 0 <= v <= 1 else "> 0"
-                if name in POSITIVE and not v > 0 else "")
+    for name, v in vars(args).items():  # the first rule a value breaks, by type and name
+        need = next((rule for bad, rule in [
+            (type(v) is float and not math.isfinite(v), "finite"),
+            ((type(v) is int or name in ("weight_decay", "warmup_epochs")) and v < 0, ">= 0"),
+            (name.endswith("_p") and not 0 <= v <= 1, "in [0, 1]"),
+            (name.endswith("momentum") and type(v) is float and not 0 <= v < 1, "in [0, 1)"),
+            (name in POSITIVE and not v > 0, "> 0")] if bad), "")
         if need:
             parser.error(f"--{name} must be {need}, got {v}")
     for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
@@ -513,8 +523,8 @@ def distribute(model, trained, args, device):
     if world() > 1:
         for t in model.state_dict().values():
             dist.broadcast(t, 0) if torch.is_tensor(t) else None
-        trained = nn.parallel.DistributedDataParallel(trained, [device.index] if device.type == "cuda"
-                                                      else None)
+        ids = [device.index] if device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(trained, ids)
     return torch.compile(trained) if args.compile else trained
 
 
@@ -528,7 +538,8 @@ def head_layout(head):
 
 def end_epoch(args, row, history, state):
     """A non-finite loss stops the run (last.pt keeps the last good epoch); else the row joins
-    metrics.csv, and rank 0 prints it and replaces last.pt atomically (temporary file, os.replace)."""
+    metrics.csv, and rank 0 prints it and replaces last.pt atomically (a temporary file, then
+    os.replace)."""
     path = os.path.join(args.out_dir, "last.pt")
     if not math.isfinite(row.get("loss", 0.0)):
         if rank() == 0:

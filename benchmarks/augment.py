@@ -1,6 +1,6 @@
 """Augmentation throughput (issue 13): the PIL path (common.train_transform, one image at a time in
-DataLoader workers) against common.BatchedAugment on whole uint8 batches, on CPU and, where CUDA is
-available, on the GPU. Views per second, one view per image (SimCLR needs two per image).
+DataLoader workers) against common.BatchedAugment on whole uint8 batches, on the CPU and, where
+CUDA is available, on the GPU. Views per second, one view per image (SimCLR needs two per image).
 
     python benchmarks/augment.py                      # 4,096 generated 32x32 uint8 images
     python benchmarks/augment.py --data_dir DATA      # an image folder (DATA/train/<class>/*.png)
@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -28,19 +27,18 @@ import common  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="PIL per-image augmentation vs the batched path, in views/s.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="PIL per-image augmentation against the batched path.")
     p.add_argument("--images", type=int, default=4096, help="images augmented per repeat")
-    p.add_argument("--batch", type=int, default=512, help="batch size (DataLoader and batched path)")
+    p.add_argument("--batch", type=int, default=512, help="batch size (loader and batched path)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per configuration")
     p.add_argument("--crop_size", type=int, default=32, help="crop size")
-    p.add_argument("--data_dir", default=None, help="an image folder instead of generated 32x32 images")
-    p.add_argument("--image_size", type=int, default=None, help="resize and centre-crop the folder's images")
-    p.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: 0, 1, cpu_count)")
-    p.add_argument("--threads", type=int, nargs="*", default=None,
-                   help="threads of the batched path on the CPU (default: 1, cpu_count; none: skip it)")
+    p.add_argument("--data_dir", default=None, help="an image folder instead of random images")
+    p.add_argument("--image_size", type=int, help="resize and centre-crop the folder's images")
+    p.add_argument("--workers", type=int, nargs="+", help="loader workers (default: 0, 1, CPUs)")
+    p.add_argument("--threads", type=int, nargs="*",
+                   help="the batched path's CPU threads (default: 1, CPUs; none: no CPU rows)")
     p.add_argument("--csv", default=None, help="write the table here")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test; numbers meaningless)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
     return p
 
 
@@ -58,8 +56,9 @@ class PILViews(torch.utils.data.Dataset):
 
 
 def pil_runner(array, crop_size, batch, workers):
-    loader = torch.utils.data.DataLoader(PILViews(array, common.train_transform(crop_size)), batch_size=batch,
-                                         num_workers=workers, persistent_workers=workers > 0)
+    views = PILViews(array, common.train_transform(crop_size))
+    loader = torch.utils.data.DataLoader(views, batch_size=batch, num_workers=workers,
+                                         persistent_workers=workers > 0)
     next(iter(loader))  # start the workers before timing
 
     def run():
@@ -87,6 +86,7 @@ def main(argv=None):
         args.images, args.batch, args.repeats = 64, 32, 1
     cpus = os.cpu_count() or 1
     workers = args.workers if args.workers is not None else sorted({0, 1, cpus})
+    threads = args.threads if args.threads is not None else sorted({1, cpus})
     if args.data_dir:
         data = common.subset(common.build_dataset("folder", args.data_dir, "train"), args.images)
         images = common.images_as_tensor(data, args.image_size)[0]
@@ -96,14 +96,13 @@ def main(argv=None):
     array = images.permute(0, 2, 3, 1).numpy().copy()
 
     # (path, device, workers or threads, runner, threads to set while it runs)
-    configs = [("PIL per image", "cpu", f"{w} workers", pil_runner(array, args.crop_size, args.batch, w), 1)
-               for w in workers]
-    for threads in sorted({1, cpus}) if args.threads is None else args.threads:
-        run = batched_runner(images, args.crop_size, args.batch, "cpu")
-        configs.append(("batched", "cpu", f"{threads} threads", run, threads))
+    configs = [("PIL per image", "cpu", f"{w} workers",
+                pil_runner(array, args.crop_size, args.batch, w), 1) for w in workers]
+    configs += [("batched", "cpu", f"{t} threads",
+                 batched_runner(images, args.crop_size, args.batch, "cpu"), t) for t in threads]
     if torch.cuda.is_available():
-        run = batched_runner(images, args.crop_size, args.batch, "cuda")
-        configs.append(("batched", "cuda", torch.cuda.get_device_name(), run, 1))
+        configs.append(("batched", "cuda", torch.cuda.get_device_name(),
+                        batched_runner(images, args.crop_size, args.batch, "cuda"), 1))
 
     rates, threads_before = [[] for _ in configs], torch.get_num_threads()
     for _ in range(args.repeats):
@@ -115,22 +114,22 @@ def main(argv=None):
     torch.set_num_threads(threads_before)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{platform.processor() or platform.machine()}, {cpus} CPUs, load average {load:.1f}, "
-          f"torch {torch.__version__}; "
-          f"{len(images)} images {tuple(images.shape[1:])} uint8 -> float32 views {args.crop_size}x{args.crop_size}, "
-          f"batch {args.batch}, {args.repeats} repeats (median [min, max])")
+    print(f"\n{platform.machine()}, {cpus} CPUs, load average {load:.1f}, torch {torch.__version__}"
+          f"; {len(images)} images {tuple(images.shape[1:])} uint8 -> float32 views "
+          f"{args.crop_size}x{args.crop_size}, batch {args.batch}, {args.repeats} repeats "
+          f"(median [min, max])")
     base = statistics.median(rates[0])
     header = ["path", "device", "workers_or_threads", "dtype", "batch", "images", "repeats",
               "median_views_per_s", "min_views_per_s", "max_views_per_s", "vs_first_row"]
-    rows = [[path, device, what, "float32", args.batch, len(images), args.repeats, round(statistics.median(r)),
-             round(min(r)), round(max(r)), round(statistics.median(r) / base, 2)]
+    rows = [[path, device, what, "float32", args.batch, len(images), args.repeats,
+             round(statistics.median(r)), round(min(r)), round(max(r)),
+             round(statistics.median(r) / base, 2)]
             for (path, device, what, _, _), r in zip(configs, rates)]
-    print(f"| {'path':<14} | {'device':<6} | {'workers/threads':<26} | {'views/s (median)':>16} "
-          f"| {'[min, max]':>17} | vs row 1 |")
-    print(f"|{'-' * 16}|{'-' * 8}|{'-' * 28}|{'-' * 18}|{'-' * 19}|----------|")
+    print("| path | device | workers/threads | views/s (median) | [min, max] | vs row 1 |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        spread = f"[{row[8]:,}, {row[9]:,}]"
-        print(f"| {row[0]:<14} | {row[1]:<6} | {row[2]:<26} | {row[7]:>16,} | {spread:>17} | {row[10]:>7.2f}x |")
+        print(f"| {row[0]} | {row[1]} | {row[2]} | {row[7]:,} | [{row[8]:,}, {row[9]:,}] "
+              f"| {row[10]:.2f}x |")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             csv.writer(f).writerows([header] + rows)

@@ -2,7 +2,7 @@
 scripts' functions, their real signatures) on random embeddings [B, D], against NT-Xent,
 simclr_debiased.contrastive_loss(z1, z2, 0.5, 0, 0), on the same embeddings.
 
-    python benchmarks/losses.py --device cpu   # B 256, D 128, queue 16384, bank 50000, support 98304
+    python benchmarks/losses.py --device cpu    # B 256, D 128, queue 16384, bank 50000, 98304 rows
     python benchmarks/losses.py                # on the GPU where there is one
     python benchmarks/losses.py --quick        # tiny sizes
 
@@ -14,7 +14,7 @@ Rows (keys, pools and memories carry no gradient, as in training):
   IR, Ring-IR          ring_nce_loss(q, bank[ids], bank, 0.07, lower, upper, draws)   n draws
   NNCLR                support rows[_nn_index([z1; z2], rows)] + contrast(..., p1, p2, 0.1)
   KMCLR                the nearest centroids + contrast, then kmeans_step on z1 (k prototypes)
-Medians over --repeats (interleaved) of the mean over --steps calls. Timing only: nothing here is a test.
+Medians over --repeats (interleaved) of the mean over --steps calls. Timing only: not a test.
 """
 import argparse
 import os
@@ -96,7 +96,8 @@ def cases(a, device):
     k, queue, bank, support = randn(B, a.dim), unit(a.queue), unit(a.bank), unit(a.support)
     ids = torch.randint(0, a.bank, (B,), generator=g).to(device)
     memory = kmclr_memory(a, device)
-    loss, moco, ring = simclr_debiased.contrastive_loss, moco_mochi.moco_loss, ring_nce.ring_nce_loss
+    loss, moco = simclr_debiased.contrastive_loss, moco_mochi.moco_loss
+    ring = ring_nce.ring_nce_loss
 
     def mochi():
         synthetic = moco_mochi.mochi_negatives(z1, queue, a.n_hard, a.s1, a.s2)

@@ -13,7 +13,7 @@ Columns (the last epoch of each run: the first warms up; medians over --repeats 
 images_per_sec, step_ms; baseline_ms: the backbone's forward + backward on the step's images (two
 views: 2 x batch, one call per view; MoCo and IR: 1 x batch, the key forward is method cost; CMC:
 its L and ab encoders' backbones); overhead = step_ms / baseline_ms; monitor_pct = 100 (step -
-step with the stub) / step, the two runs interleaved (on a busy CPU the noise is a few %);
+step with the stub) / step, the two runs interleaved (run-to-run noise included);
 monitor_call_pct: the time inside negative_rates calls in the real runs / step (CUDA events on a
 GPU); peak_mem_mb (GPU); with --pil, pil_images_per_sec: the PIL loader path at the scripts'
 default --workers. Checkpoints are not written (torch.save is a no-op during the runs). Random
@@ -85,6 +85,7 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs, fp32 on CPUs (scripts and baseline alike)")
     p.add_argument("--pil", action="store_true", help="also time the PIL loader path")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--steps", type=int, default=5, help="baseline: timed calls per repeat")
     p.add_argument("--csv", default="results/benchmarks/overhead.csv")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
@@ -241,14 +242,17 @@ def measure(name, s, data_dir, device, precision, tmp, pil=False, steps=5):
             step = 1e3 * s["batch_size"] / float(row["images_per_sec"])
             (real if variant == "real" else stub).append(step)
             if variant == "real":
-                steps_per_epoch = len(timed.calls) // s["epochs"]
-                monitor.append(100 * timed.seconds(steps_per_epoch) / float(row["epoch_seconds"]))
+                per_epoch = len(timed.calls) // s["epochs"]  # calls in an epoch
+                monitor.append(100 * timed.seconds(per_epoch) / float(row["epoch_seconds"]))
                 memory.append(torch.cuda.max_memory_allocated() / 2 ** 20
                               if device.type == "cuda" else math.nan)
-    step_ms, base = statistics.median(real), baseline_ms(name, s, device, dtype, steps, s["repeats"])
-    row = {"method": name, "script": f"{module.__name__}.py", "flags": " ".join(method_flags(name, s)),
-           "device": device.type, "precision": precision, "width": s["width"],
-           "batch": s["batch_size"], "images": s["images"], "repeats": s["repeats"],
+    step_ms = statistics.median(real)
+    base = baseline_ms(name, s, device, dtype, steps, s["repeats"])
+    row = {"method": name, "script": f"{module.__name__}.py",
+           "flags": " ".join(method_flags(name, s)), "device": device.type,
+           "precision": precision, "threads": torch.get_num_threads() if device.type == "cpu"
+           else "", "width": s["width"], "batch": s["batch_size"],
+           "images": s["images"], "repeats": s["repeats"],
            "images_per_sec": 1e3 * s["batch_size"] / step_ms, "step_ms": step_ms,
            "baseline_ms": base, "overhead": step_ms / base,
            "monitor_pct": 100 * (step_ms - statistics.median(stub)) / step_ms,
@@ -290,21 +294,27 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if a.device == "cuda" and not cuda:
         raise SystemExit("overhead.py: error: --device cuda but CUDA is not available")
-    device = torch.device("cuda" if a.device == "auto" and cuda else a.device.replace("auto", "cpu"))
+    device = torch.device("cuda" if a.device == "cuda" or a.device == "auto" and cuda else "cpu")
     s = {**sizes(a, device), "arch": a.arch}
-    precision = a.precision if a.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
-    print(f"{device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()})"
-          f", {torch.get_num_threads()} threads, torch {torch.__version__}, {precision}, {s}")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = a.data_dir or random_image_folder(os.path.join(tmp, "data"), s["images"],
-                                                     s["crop_size"])
-        os.makedirs(os.path.join(tmp, "runs"))
-        for name in a.methods:
-            rows.append(measure(name, s, data_dir, device, precision, os.path.join(tmp, "runs"),
-                                a.pil, a.steps))
-            print(f"{name}: {rows[-1]['images_per_sec']:.0f} images/s, "
-                  f"{rows[-1]['overhead']:.2f}x, monitor {rows[-1]['monitor_pct']:.1f}%", flush=True)
+    precision = {"auto": "bf16" if device.type == "cuda" else "fp32"}.get(a.precision, a.precision)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} cores"
+    print(f"{device.type} ({name}), {a.threads or torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, {precision}, {s}")
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(a.threads or threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = a.data_dir or random_image_folder(os.path.join(tmp, "data"), s["images"],
+                                                         s["crop_size"])
+            os.makedirs(os.path.join(tmp, "runs"))
+            for name in a.methods:
+                rows.append(measure(name, s, data_dir, device, precision,
+                                    os.path.join(tmp, "runs"), a.pil, a.steps))
+                print(f"{name}: {rows[-1]['images_per_sec']:.0f} images/s, "
+                      f"{rows[-1]['overhead']:.2f}x, monitor {rows[-1]['monitor_pct']:.1f}%",
+                      flush=True)
+    finally:
+        torch.set_num_threads(threads)
     print(table(rows))
     write_csv(rows, a.csv)
     print(f"wrote {a.csv}")

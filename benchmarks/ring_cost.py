@@ -44,7 +44,8 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    batch, dim, queue, bank, n = (8, 16, 512, 400, 64) if a.quick else (256, 128, 65536, 50000, 4096)
+    sizes = (8, 16, 512, 400, 64) if a.quick else (256, 128, 65536, 50000, 4096)
+    batch, dim, queue, bank, n = sizes
     repeats = 2 if a.quick else a.repeats
     q, k = torch.randn(batch, dim, requires_grad=True), torch.randn(batch, dim)
     cases = {}

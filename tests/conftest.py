@@ -1,11 +1,14 @@
 """Shared test helpers. Tests generate their own tiny data (nothing is read from outside the
 repository): a class-structured image folder, an AG-News-style CSV and a word-vector file."""
+import csv
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -105,13 +108,69 @@ def run_script(*args, timeout=600, env=None, cwd=ROOT):
                           timeout=timeout, env=full_env)
 
 
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def assert_one_line_error(result, *fragments):
-    """Exit status 2 and no traceback; the message is one line `PROG: error: ...` containing every
-    fragment, preceded at most by argparse's usage text."""
+    """A script run from the shell: exit status 2, no traceback, exactly one stderr line
+    `PROG: error: ...` holding every fragment."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert lines and ": error: " in lines[-1], result.stderr[-2000:]
-    assert all(line.startswith(("usage:", " ")) for line in lines[:-1]), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr[-3000:])
+    assert ": error: " in lines[0] and all(f in lines[0] for f in fragments), (fragments, lines)
+
+
+def main_error(module, argv, capsys, *fragments):
+    """The same in this process (faster): module.main(argv) exits 2 with exactly one stderr line
+    `PROG: error: ...` holding every fragment, and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        module.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    prog = module.get_parser().prog
+    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"{prog}: error: ") and all(f in lines[0] for f in fragments), lines
+
+
+def flat_folder(image_folder, root, per_class=8):
+    """An unlabelled flat folder of per_class training images of each class of image_folder."""
+    os.makedirs(root)
+    for c in sorted(os.listdir(os.path.join(image_folder, "train"))):
+        for name in sorted(os.listdir(os.path.join(image_folder, "train", c)))[:per_class]:
+            shutil.copy(os.path.join(image_folder, "train", c, name), os.path.join(root, f"{c}_{name}"))
+    return str(root)
+
+
+def assert_resume_is_exact(module, flags, root, monkeypatch):
+    """The README's resume sentence, for module.main(flags) with --epochs 2: run straight, and run
+    again killed after epoch 1's checkpoint (end_epoch raises) then resumed with --resume alone.
+    The two last.pt hold the same tensors (weights, memories, optimizer state, RNG states) and
+    metrics rows (time columns aside). Returns the killed run's epoch-1 checkpoint and the final
+    straight one, and the rows, for further checks."""
+    module.main([*flags, "--out_dir", str(root / "straight")])
+    real = module.end_epoch
+
+    def killed(*args):
+        real(*args)
+        raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+
+    monkeypatch.setattr(module, "end_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        module.main([*flags, "--out_dir", str(root / "resumed")])
+    monkeypatch.undo()
+    first = torch.load(root / "resumed" / "last.pt", weights_only=True)
+    module.main(["--resume", str(root / "resumed" / "last.pt")])  # to the planned --epochs
+    a, b = (torch.load(root / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert first["epoch"] == 1 and a["epoch"] == b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:  # weights, BatchNorm statistics, queues, banks, centroids
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+    assert torch.equal(a["rng"][0][0], b["rng"][0][0])  # the CPU generator goes on alike
+    rows = [[{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_sec")}
+             for r in read_csv(root / run / "metrics.csv")] for run in ("straight", "resumed")]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[0]] == ["1", "2"]
+    return first, a, rows[0]

@@ -492,19 +492,3 @@ def test_show_aug_writes_a_grid(image_folder, tmp_path, monkeypatch, capsys):
                         "--data_dir", str(tmp_path / "none"))
     assert exit_info.value.code == 2 and "error: no images" in capsys.readouterr().err
 
-
-def test_benchmark_quick(tmp_path, capsys):
-    """benchmarks/augment.py --quick, in this process (its DataLoader workers are forked from
-    it)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(common.__file__), "benchmarks"))
-    try:
-        import augment
-    finally:
-        sys.path.pop(0)
-    csv = tmp_path / "augment.csv"
-    rows = augment.main(["--quick", "--csv", str(csv)])
-    lines = csv.read_text().splitlines()
-    assert lines[0].startswith("path,") and len(lines) == len(rows) + 1 >= 4
-    out = capsys.readouterr().out
-    assert "PIL per image" in out and "batched" in out
-    assert torch.get_num_threads() == 1  # restored

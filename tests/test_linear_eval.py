@@ -524,7 +524,7 @@ def test_cmc_checkpoint_is_evaluated_on_its_lab_input(image_folder, tmp_path):
     data, _ = linear_eval.build_data(ckpt, None, views=("run",))
     image = common.build_dataset("folder", image_folder, "test")[5][0]
     mean, std = (torch.tensor(ckpt["args"][k])[:, None, None] for k in ("lab_mean", "lab_std"))
-    expected = (ring_nce.rgb_to_lab(common.eval_transform(None)(image)) - mean) / std
+    expected = (common.rgb_to_lab(common.eval_transform(None)(image)) - mean) / std
     torch.testing.assert_close(data["test"][5][0], expected)
     assert data["run"][0][0].shape == (3, 16, 16)
     with open(out / "metrics.csv") as f:

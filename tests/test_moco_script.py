@@ -1,9 +1,7 @@
 """moco_mochi.py end to end on the generated image folder with a tiny backbone: the run directory
 and checkpoint, exact resume after an interruption, the defaults against the original code's
 numbers, the augmentation flags, the negatives monitor's columns, every kind of bad input."""
-import csv
 import os
-import shutil
 from collections import OrderedDict
 
 import pytest
@@ -11,28 +9,11 @@ import torch
 
 import common
 import moco_mochi as mm
+from conftest import assert_resume_is_exact, main_error, read_csv
 
 TINY = ["--dataset", "folder", "--width", "4", "--crop_size", "16", "--batch_size", "16", "--queue_size", "32",
         "--workers", "0", "--knn_k", "10"]
 MOCHI = ["--n_hard", "8", "--s1_hard", "6", "--s2_hard", "3", "--start1_hard", "0", "--start2_hard", "1"]
-TIME = ("epoch_seconds", "images_per_sec")
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def main_error(argv, capsys, *fragments):
-    """moco_mochi.main in this process: SystemExit 2, no traceback and exactly one stderr line,
-    `moco_mochi.py: error: ...` holding every fragment."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        mm.main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert lines[0].startswith("moco_mochi.py: error: ") and all(f in lines[0] for f in fragments), lines
 
 
 @pytest.fixture(scope="module")
@@ -78,48 +59,8 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(gpu_aug, stra
                                                                   monkeypatch):
     flags = [*TINY, *MOCHI, "--data_dir", image_folder, "--epochs", "2", "--symmetric"] + ["--gpu_aug"] * gpu_aug
     flags += ["--queue_size", "64"]
-    mm.main([*flags, "--out_dir", str(tmp_path / "straight")])
-    real = mm.end_epoch
-
-    def killed(*args):
-        real(*args)
-        raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
-
-    monkeypatch.setattr(mm, "end_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        mm.main([*flags, "--out_dir", str(tmp_path / "resumed")])
-    monkeypatch.undo()
-    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert first["epoch"] == 1 and first["model"]["queue_ptr"] == 4 * 32 % 64 and (first["model"]["queue_ids"] >= 0).all()
-    mm.main(["--resume", str(tmp_path / "resumed" / "last.pt")])  # to the planned --epochs 2
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
-    assert a["epoch"] == b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
-    for key in a["model"]:  # weights, BN statistics, queue, ids and pointer
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(s[k], t[k]) for k in s)
-    rows = [[{k: v for k, v in r.items() if k not in TIME} for r in read_csv(tmp_path / d / "metrics.csv")]
-            for d in ("straight", "resumed")]
-    assert rows[0] == rows[1] and len(rows[0]) == 2
-
-
-def test_untrained_baseline(tmp_path, image_folder):
-    mm.main([*TINY, "--data_dir", image_folder, "--epochs", "0", "--out_dir", str(tmp_path)])
-    rows = read_csv(tmp_path / "metrics.csv")
-    assert list(rows[0]) == ["epoch", "knn_top1", "knn_top5"] and rows[0]["epoch"] == "0"
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
-
-
-def test_unlabelled_folder_leaves_the_monitors_empty(tmp_path, image_folder):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for name in sorted(os.listdir(os.path.join(image_folder, "train", "class0")))[:8]:
-        for c in range(4):
-            shutil.copy(os.path.join(image_folder, "train", f"class{c}", name), flat / f"{c}_{name}")
-    mm.main([*TINY, *MOCHI, "--data_dir", str(flat), "--epochs", "1", "--out_dir", str(tmp_path / "run")])
-    row = read_csv(tmp_path / "run" / "metrics.csv")[0]
-    assert row["fn_rate"] == row["fn_rate_hard"] == row["fn_rate_synth"] == "" and "knn_top1" not in row
-    assert float(row["loss"]) > 0
+    first, _, _ = assert_resume_is_exact(mm, flags, tmp_path, monkeypatch)
+    assert first["model"]["queue_ptr"] == 4 * 32 % 64 and (first["model"]["queue_ids"] >= 0).all()
 
 
 def test_defaults_are_the_originals(monkeypatch, tmp_path):
@@ -184,7 +125,7 @@ def test_augmentation_flags_reach_both_paths(monkeypatch, tmp_path):
     (["--blur_p", "2"], "--blur_p must be in [0, 1]"), (["--data_dir", "/nonexistent"], "no images in /nonexistent"),
     (["--subset", "8"], "fewer than --batch_size"), (["--out_dir", "/proc/nope"], "cannot write to --out_dir")])
 def test_bad_input_is_one_line(flags, fragment, image_folder, capsys, tmp_path):
-    main_error([*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(tmp_path), *flags], capsys,
+    main_error(mm, [*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(tmp_path), *flags], capsys,
                fragment)
 
 
@@ -194,30 +135,20 @@ def test_bad_checkpoints(straight, tmp_path, capsys, monkeypatch):
     (tmp_path / "text.pt").write_text("epoch,loss\n1,2.0\n")
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
     for name in ("random.pt", "text.pt", "cut.pt"):
-        main_error(["--resume", str(tmp_path / name)], capsys, "is not a checkpoint (not written by torch.save")
+        main_error(mm, ["--resume", str(tmp_path / name)], capsys, "is not a checkpoint (not written by torch.save")
     ckpt = torch.load(straight / "last.pt", weights_only=True)
     for key, value, fragment in [("script", "ring_nce.py", "not a checkpoint of moco_mochi.py"),
                                  ("optimizer", None, "lacks optimizer")]:
         torch.save({k: v for k, v in {**ckpt, key: value}.items() if v is not None}, tmp_path / "bad.pt")
-        main_error(["--resume", str(tmp_path / "bad.pt"), "--epochs", "3"], capsys, fragment)
+        main_error(mm, ["--resume", str(tmp_path / "bad.pt"), "--epochs", "3"], capsys, fragment)
     wrong = {**ckpt, "model": {**ckpt["model"], "queue": torch.zeros(48, 128)}}
     torch.save(wrong, tmp_path / "shape.pt")
-    main_error(["--resume", str(tmp_path / "shape.pt"), "--epochs", "3"], capsys, "does not fit the model", "queue")
-    main_error(["--resume", str(straight / "last.pt"), "--epochs", "2"], capsys, "has trained 2 epochs")
-    main_error(["--resume", str(straight / "last.pt"), "--epochs", "3", "--n_hard", "4"], capsys,
+    main_error(mm, ["--resume", str(tmp_path / "shape.pt"), "--epochs", "3"], capsys, "does not fit the model", "queue")
+    main_error(mm, ["--resume", str(straight / "last.pt"), "--epochs", "2"], capsys, "has trained 2 epochs")
+    main_error(mm, ["--resume", str(straight / "last.pt"), "--epochs", "3", "--n_hard", "4"], capsys,
                "--n_hard: a resumed run keeps the checkpoint's values")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    main_error(["--resume", str(straight / "last.pt"), "--epochs", "3"], capsys, "ran on 1 process(es): resume it on as many")
-
-
-@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "1"], ["--gpu_aug"]])
-def test_a_corrupt_image_is_one_line_naming_it(extra, tmp_path, image_folder, capsys):
-    data = tmp_path / "data"
-    shutil.copytree(image_folder, data)
-    bad = data / "train" / "class2" / "3.png"
-    bad.write_bytes(bad.read_bytes()[:60])  # truncated
-    main_error([*TINY, "--data_dir", str(data), "--epochs", "1", "--out_dir", str(tmp_path / "run"), *extra],
-               capsys, f"cannot read image {bad}")
+    main_error(mm, ["--resume", str(straight / "last.pt"), "--epochs", "3"], capsys, "ran on 1 process(es): resume it on as many")
 
 
 def test_help_names_the_aliases(capsys):

@@ -22,7 +22,6 @@ topk(sorted=False) order is implementation-defined), a and b drawn in the featur
 MoCo (not davidsvy's AdamW with clipping), the own-image mask only with --mask_own. Random draws:
 both steps start from the same torch seed and draw in the same order (each pair's key permutation,
 then MoCHi's positions and weights), so permutations and mixing weights are the same."""
-import copy
 import math
 from collections import OrderedDict
 

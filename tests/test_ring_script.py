@@ -1,39 +1,19 @@
 """ring_nce.py end to end on the generated image folder: the original defaults and augmentation
 recipes (as literals, with their sources), exact resume after an interruption (IR, MoCo, CMC, and
 --gpu_aug), what an evaluation reads from last.pt, the monitor's columns, and bad input."""
-import csv
-import pathlib
-import shutil
 
 import pytest
 import torch
 
 import common
 import ring_nce
+from conftest import assert_resume_is_exact, main_error
 
 TINY = ["--dataset", "folder", "--arch", "resnet18", "--width", "4", "--crop_size", "16", "--batch_size", "16",
         "--workers", "0", "--subset", "32", "--queue_size", "32", "--num_negatives", "24", "--hidden_dim", "16",
         "--feature_dim", "8", "--knn_k", "5"]
 RING = ["--ring_lower", "0.1", "--ring_upper", "0.6"]  # ranks [3, 19) of the 32 queue keys or bank rows
-TIME = ("epoch_seconds", "images_per_sec")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def main_error(argv, capsys, *fragments):
-    """ring_nce.main in this process: SystemExit 2, no traceback, exactly one stderr line
-    `ring_nce.py: error: ...` holding every fragment."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        ring_nce.main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert lines[0].startswith("ring_nce.py: error: ") and all(f in lines[0] for f in fragments), lines
 
 
 # -------------------------------------------------------------------------------------------------
@@ -95,7 +75,7 @@ def test_recipe_of_cmc(monkeypatch, tmp_path):
     seen = load_call(monkeypatch, tmp_path, "--method", "cmc")
     assert seen["recipe"] == {"scale": (0.2, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0,
                               "normalize": None}
-    assert seen["views"] == 1 and seen["to_input"] is ring_nce.lab_input
+    assert seen["views"] == 1 and seen["to_input"] is common.lab_input
 
 
 @pytest.mark.parametrize("flags,key,value", [
@@ -113,43 +93,16 @@ def test_augmentation_flags_land_in_the_recipe(flags, key, value, monkeypatch, t
 # Training, exact resume, last.pt
 # -------------------------------------------------------------------------------------------------
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method,extra", [("ir", []), ("moco", []), ("cmc", []), ("cmc", ["--gpu_aug"]),
                                           ("moco", ["--gpu_aug"])])
 def test_resume_after_an_interruption_is_exact(method, extra, image_folder, tmp_path, monkeypatch):
     flags = [*TINY, *RING, "--data_dir", image_folder, "--method", method, "--epochs", "2", "--lr_steps", "1", *extra]
-    ring_nce.main([*flags, "--out_dir", str(tmp_path / "straight")])
-    end_epoch = ring_nce.end_epoch
-
-    def first_only(*args):
-        end_epoch(*args)
-        raise Interrupted
-
-    monkeypatch.setattr(ring_nce, "end_epoch", first_only)
-    with pytest.raises(Interrupted):
-        ring_nce.main([*flags, "--out_dir", str(tmp_path / "resumed")])
-    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    monkeypatch.setattr(ring_nce, "end_epoch", end_epoch)
-    ring_nce.main(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "2"])
-    straight, resumed = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
-    assert first["epoch"] == 1 and resumed["epoch"] == straight["epoch"] == 2
-    for part in ("model", "backbone"):  # weights, BatchNorm statistics, key encoder, queue and ids, banks
-        assert straight[part].keys() == resumed[part].keys()
-        assert all(torch.equal(resumed[part][k], v) for k, v in straight[part].items()), part
-    assert all(torch.equal(resumed["head"]["state"][k], v) for k, v in straight["head"]["state"].items())
-    momentum = [[s["momentum_buffer"] for s in c["optimizer"]["state"].values()] for c in (resumed, straight)]
-    assert all(torch.equal(a, b) for a, b in zip(*momentum))
+    first, straight, rows = assert_resume_is_exact(ring_nce, flags, tmp_path, monkeypatch)
     for pool in ("queue", "queue_ids", "bank"):  # the memories moved in epoch 2: they were saved and restored
         if pool in straight["model"]:
             assert not torch.equal(first["model"][pool], straight["model"][pool])
-    rows = [[{k: v for k, v in r.items() if k not in TIME} for r in read_csv(tmp_path / d / "metrics.csv")]
-            for d in ("straight", "resumed")]
-    assert rows[0] == rows[1] and [r["epoch"] for r in rows[0]] == ["1", "2"]
-    assert [float(r["lr"]) for r in rows[0]] == [0.03, 0.003]  # x0.1 from the --lr_steps epoch on (0-based)
-    for r in rows[0]:  # the monitor: fractions, the band above the ring included (lower > 0)
+    assert [float(r["lr"]) for r in rows] == [0.03, 0.003]  # x0.1 from the --lr_steps epoch on (0-based)
+    for r in rows:  # the monitor: fractions, the band above the ring included (lower > 0)
         assert all(0 <= float(r[c]) <= 1 for c in ("fn_rate", "fn_rate_hard", "fn_rate_above"))
         assert 0 <= float(r["knn_top1"]) <= 100
     evaluation_reads(straight, method)
@@ -173,21 +126,6 @@ def evaluation_reads(ckpt, method):
         assert torch.equal(ckpt["backbone"]["conv1.weight"], ckpt["model"]["encoder_q.backbone.conv1.weight"])
 
 
-def test_untrained_network_and_an_unlabelled_folder(image_folder, tmp_path):
-    ring_nce.main([*TINY, "--data_dir", image_folder, "--method", "cmc", "--epochs", "0", "--out_dir",
-                   str(tmp_path / "untrained")])
-    rows = read_csv(tmp_path / "untrained" / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["0"] and 0 < float(rows[0]["knn_top1"]) <= 100 and "loss" not in rows[0]
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i, path in enumerate(sorted(pathlib.Path(image_folder, "train").glob("*/*.png"))):
-        shutil.copy(path, flat / f"{i}.png")
-    ring_nce.main([*TINY, *RING, "--data_dir", str(flat), "--method", "ir", "--epochs", "1", "--out_dir",
-                   str(tmp_path / "flat_run")])
-    row = read_csv(tmp_path / "flat_run" / "metrics.csv")[0]
-    assert (row["fn_rate"], row["fn_rate_hard"], row["fn_rate_above"]) == ("", "", "") and "knn_top1" not in row
-
-
 # -------------------------------------------------------------------------------------------------
 # Bad input: exit status 2 and one line
 # -------------------------------------------------------------------------------------------------
@@ -205,11 +143,11 @@ def test_untrained_network_and_an_unlabelled_folder(image_folder, tmp_path):
     (["--method", "cmc", "--norm", "cifar10"], "--method cmc crops and flips only"),
     (["--method", "cmc", "--blur_p", "0.5"], "--method cmc crops and flips only"),
     (["--num_negatives", "0"], "--num_negatives must be > 0"),
-    (["--bank_momentum", "1"], "need --bank_momentum in [0, 1)"),
+    (["--bank_momentum", "1"], "--bank_momentum must be in [0, 1)"),
     (["--ema", "1.5"], "--ema in [0, 1]"),
     (["--subset", "8"], "8 training images, fewer than --batch_size 16")])
 def test_bad_flags(flags, fragment, image_folder, tmp_path, capsys):
-    main_error([*TINY, "--data_dir", image_folder, "--epochs", "1", *flags, "--out_dir", str(tmp_path / "x")],
+    main_error(ring_nce, [*TINY, "--data_dir", image_folder, "--epochs", "1", *flags, "--out_dir", str(tmp_path / "x")],
                capsys, fragment)
     assert not (tmp_path / "x" / "last.pt").exists()
 
@@ -227,22 +165,12 @@ def test_bad_checkpoints_and_resumes(image_folder, tmp_path, capsys, monkeypatch
     for name, fragment in [("random.pt", "is not a checkpoint"), ("text.pt", "is not a checkpoint"),
                            ("other.pt", "is not a checkpoint of ring_nce.py"), ("lacks.pt", "lacks optimizer"),
                            ("shape.pt", "does not fit the model"), ("missing.pt", "no checkpoint at")]:
-        main_error(["--resume", str(tmp_path / name), "--epochs", "2"], capsys, fragment)
-    main_error(["--resume", last, "--epochs", "1"], capsys, "has trained 1 epochs")
-    main_error(["--resume", last, "--epochs", "2", "--ring_upper", "0.5"], capsys,
+        main_error(ring_nce, ["--resume", str(tmp_path / name), "--epochs", "2"], capsys, fragment)
+    main_error(ring_nce, ["--resume", last, "--epochs", "1"], capsys, "has trained 1 epochs")
+    main_error(ring_nce, ["--resume", last, "--epochs", "2", "--ring_upper", "0.5"], capsys,
                "--ring_upper: a resumed run keeps the checkpoint's values")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    main_error(["--resume", last, "--epochs", "2"], capsys, "ran on 1 process(es): resume it on as many")
-
-
-@pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "1"], ["--gpu_aug"]])
-def test_a_corrupt_image_is_one_line_naming_it(extra, tmp_path, image_folder, capsys):
-    data = tmp_path / "data"
-    shutil.copytree(image_folder, data)
-    bad = data / "train" / "class2" / "3.png"
-    bad.write_bytes(bad.read_bytes()[:60])  # truncated
-    main_error([*TINY, "--subset", "0", "--data_dir", str(data), "--method", "cmc", "--epochs", "1", "--out_dir",
-                str(tmp_path / "run"), *extra], capsys, f"cannot read image {bad}")
+    main_error(ring_nce, ["--resume", last, "--epochs", "2"], capsys, "ran on 1 process(es): resume it on as many")
 
 
 def test_help(capsys):

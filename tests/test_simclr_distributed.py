@@ -1,7 +1,6 @@
 """Two gloo processes on the CPU give the same losses, gradients and negatives monitor as one
 process on the whole batch; the harness's gathers and epoch statistics sum over processes and its
 kNN monitor runs on rank 0 alone (the harness is the same in every training script)."""
-import math
 import os
 
 import pytest

@@ -1,6 +1,5 @@
 """simclr_debiased.py end to end on a generated image folder with a tiny backbone: the run
 directory, exact resume, torchrun, Nozawa & Sato's flags, the defaults, every kind of bad input."""
-import csv
 import json
 import math
 import os
@@ -12,33 +11,11 @@ import torch
 
 import common
 import simclr_debiased as sd
-from conftest import ROOT, run_script
+from conftest import (ROOT, assert_one_line_error, assert_resume_is_exact, main_error,
+                      read_csv, run_script)
 
 TINY = ["--dataset", "folder", "--arch", "resnet18", "--width", "4", "--crop_size", "16", "--batch_size",
         "16", "--workers", "0", "--tau_plus", "0.1", "--beta", "1.0", "--knn_k", "10"]
-TIME = ("epoch_seconds", "images_per_sec")
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def one_line_error(result, *fragments):
-    """Exit status 2, no traceback, exactly one stderr line `simclr_debiased.py: error: ...`."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-    assert lines[0].startswith("simclr_debiased.py: error: ") and all(f in lines[0] for f in fragments), lines
-
-
-def main_error(argv, capsys, *fragments):
-    """The same, in this process (faster): SystemExit 2 and one stderr line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        sd.main(argv)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert stop.value.code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("simclr_debiased.py: error: ") and all(f in lines[0] for f in fragments), lines
 
 
 @pytest.fixture(scope="module")
@@ -78,27 +55,7 @@ def test_run_directory(first_epoch):
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(extra, tmp_path, image_folder,
                                                                   monkeypatch):
     flags = [*TINY, "--data_dir", image_folder, "--epochs", "2", *extra]
-    sd.main([*flags, "--out_dir", str(tmp_path / "straight")])
-    real = sd.end_epoch
-
-    def killed(*args):
-        real(*args)
-        raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
-
-    monkeypatch.setattr(sd, "end_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        sd.main([*flags, "--out_dir", str(tmp_path / "resumed")])
-    monkeypatch.undo()
-    sd.main(["--resume", str(tmp_path / "resumed" / "last.pt")])  # to the planned --epochs 2
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
-    assert a["epoch"] == b["epoch"] == 2
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(s[k], t[k]) for k in s)
-    rows = [[{k: v for k, v in r.items() if k not in TIME} for r in read_csv(tmp_path / d / "metrics.csv")]
-            for d in ("straight", "resumed")]
-    assert rows[0] == rows[1] and len(rows[0]) == 2
+    assert_resume_is_exact(sd, flags, tmp_path, monkeypatch)
 
 
 def test_a_larger_epochs_goes_on_and_the_run_folder_follows_the_checkpoint(first_epoch, tmp_path):
@@ -139,7 +96,7 @@ def test_torchrun_two_processes(tmp_path, image_folder):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0][0], ckpt["rng"][1][0])  # seed + rank
     assert len(read_csv(out / "metrics.csv")) == 1
-    one_line_error(run_script("simclr_debiased.py", "--resume", str(out / "last.pt"), "--epochs", "2"),
+    assert_one_line_error(run_script("simclr_debiased.py", "--resume", str(out / "last.pt"), "--epochs", "2"),
                    "ran on 2 process(es): resume it on as many")
 
 
@@ -227,18 +184,6 @@ def test_augmentation_flags_reach_both_paths(monkeypatch, tmp_path):
         "train+unlabeled", 24, {"blur_p": 0.3, "normalize": None}, 2, True)
 
 
-def test_unlabelled_folder_leaves_the_monitors_empty(tmp_path, image_folder):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for name in sorted(os.listdir(os.path.join(image_folder, "train", "class0")))[:8]:
-        for c in range(4):
-            shutil.copy(os.path.join(image_folder, "train", f"class{c}", name), flat / f"{c}_{name}")
-    sd.main([*TINY, "--data_dir", str(flat), "--epochs", "1", "--out_dir", str(tmp_path / "run")])
-    row = read_csv(tmp_path / "run" / "metrics.csv")[0]
-    assert row["fn_rate"] == row["fn_rate_hard"] == row["fn_weight"] == "" and "knn_top1" not in row
-    assert float(row["loss"]) > 0
-
-
 @pytest.mark.parametrize("flags,fragment", [
     (["--tau_plus", "1"], "--tau_plus < 1"), (["--beta", "-1"], "--beta >= 0"),
     (["--batch_size", "1"], "--batch_size"), (["--width", "0"], "--width must be > 0"),
@@ -247,11 +192,12 @@ def test_unlabelled_folder_leaves_the_monitors_empty(tmp_path, image_folder):
     (["--stem_padding", "-1"], "--stem_padding must be >= 0"), (["--hidden_dim", "0"], "--hidden_dim must be > 0"),
     (["--feature_dim", "0"], "--feature_dim must be > 0"), (["--blur_p", "1.5"], "--blur_p must be in [0, 1]"),
     (["--warmup_epochs", "nan"], "--warmup_epochs must be finite"), (["--warmup_epochs", "1"], "--warmup_epochs"),
+    (["--momentum", "-0.5"], "--momentum must be in [0, 1)"), (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
     (["--estimator", "easy"], "unrecognized arguments"), (["--data_dir", "/nonexistent"], "no images in /nonexistent"),
     (["--subset", "8"], "fewer than --batch_size"), (["--num_chunks", "3"], "--num_chunks"),
     (["--num_chunks", "16"], "--num_chunks"), (["--out_dir", "/proc/nope"], "cannot write to --out_dir")])
 def test_bad_input_is_one_line(flags, fragment, image_folder, capsys, tmp_path):
-    main_error([*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(tmp_path), *flags], capsys,
+    main_error(sd, [*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(tmp_path), *flags], capsys,
                fragment)
 
 
@@ -261,22 +207,22 @@ def test_bad_checkpoints(first_epoch, tmp_path, capsys):
     (tmp_path / "random.pt").write_bytes(os.urandom(5000))
     (tmp_path / "text.pt").write_text("epoch,loss\n1,2.0\n")
     for name in ("cut.pt", "random.pt", "text.pt"):
-        main_error(["--resume", str(tmp_path / name)], capsys, "is not a checkpoint (not written by torch.save")
-    main_error(["--resume", str(tmp_path / "missing.pt")], capsys, "no checkpoint at")
+        main_error(sd, ["--resume", str(tmp_path / name)], capsys, "is not a checkpoint (not written by torch.save")
+    main_error(sd, ["--resume", str(tmp_path / "missing.pt")], capsys, "no checkpoint at")
     ckpt = torch.load(first_epoch / "last.pt", weights_only=True)
     for key, value, fragment in [("script", "moco_mochi.py", "not a checkpoint of simclr_debiased.py"),
                                  ("args", None, "lacks args")]:
         torch.save({k: v for k, v in {**ckpt, key: value}.items() if v is not None}, tmp_path / "bad.pt")
-        main_error(["--resume", str(tmp_path / "bad.pt")], capsys, fragment)
+        main_error(sd, ["--resume", str(tmp_path / "bad.pt")], capsys, fragment)
     wrong = {**ckpt, "model": {**ckpt["model"], "projector.linear2.weight": torch.zeros(3, 3)}}
     torch.save(wrong, tmp_path / "shape.pt")
-    main_error(["--resume", str(tmp_path / "shape.pt"), "--epochs", "2"], capsys,
+    main_error(sd, ["--resume", str(tmp_path / "shape.pt"), "--epochs", "2"], capsys,
                "does not fit the model", "projector.linear2.weight")
-    main_error(["--resume", str(first_epoch / "last.pt"), "--arch", "resnet50", "--epochs", "2"], capsys,
+    main_error(sd, ["--resume", str(first_epoch / "last.pt"), "--arch", "resnet50", "--epochs", "2"], capsys,
                "--arch: a resumed run keeps the checkpoint's values")
-    main_error(["--resume", str(first_epoch / "last.pt"), "--epochs", "1"], capsys,
+    main_error(sd, ["--resume", str(first_epoch / "last.pt"), "--epochs", "1"], capsys,
                "has trained 1 epochs: ask for more with --epochs")
-    one_line_error(run_script("simclr_debiased.py", "--resume", str(tmp_path / "random.pt")), "not a checkpoint")
+    assert_one_line_error(run_script("simclr_debiased.py", "--resume", str(tmp_path / "random.pt")), "not a checkpoint")
 
 
 @pytest.mark.parametrize("extra", [["--workers", "0"], ["--workers", "1"], ["--gpu_aug"]])
@@ -287,7 +233,7 @@ def test_a_corrupt_image_is_one_line_naming_it(extra, tmp_path, image_folder):
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     result = run_script("simclr_debiased.py", *TINY, "--data_dir", str(data), "--epochs", "1", "--out_dir",
                         str(tmp_path / "run"), *extra)
-    one_line_error(result, f"cannot read image {bad}")
+    assert_one_line_error(result, f"cannot read image {bad}")
 
 
 def test_copied_with_common_alone_into_an_empty_folder(tmp_path, image_folder):
