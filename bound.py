@@ -1179,8 +1179,9 @@ def coverage(args):
 # plot: Figure 1 and Table 2 from a set of runs
 # ------------------------------------------------------------------------------------------------
 
-TABLE_ROWS = (("tau", "τ"), ("upsilon", "υ"), ("mu_acc", "μ acc (mean classifier, clean test)"),
-              ("accuracy", "linear acc"), ("L_Info", "L_Info"), ("d", "d(f)"),
+TABLE_ROWS = (("tau", "τ"), ("upsilon", "υ"),
+              ("mu_acc", "μ acc (mean classifier, clean test)"), ("accuracy", "linear acc"),
+              ("L_Info", "L_Info"), ("d", "d(f)"),
               ("curl_bound", "†bound"), ("curl_collision", "†Collision"), ("curl_L_sup", "†L_sup"),
               ("curl_L_sub", "†L_sub"), ("bound", "bound"), ("L_sup", "L_sup"), ("L_sub", "L_sub"),
               ("collision_bound", "Collision bound"),

@@ -187,7 +187,8 @@ def run_data(args, recipe, device="cpu", views=2, split="train", to_input=None, 
     class (-1: none). `memory` and `test` (eval_transform; None without labels or a test split)
     serve the kNN monitor; `to_input` maps device images to the network's input (CMC's Lab).
     Missing or unreadable data raise OSError, other unusable data ValueError."""
-    plain = eval_transform(recipe["normalize"], args.crop_size if args.dataset == "folder" else None)
+    size = args.crop_size if args.dataset == "folder" else None
+    plain = eval_transform(recipe["normalize"], size)
     train = subset(build_dataset(args.dataset, args.data_dir, split), args.subset)
     memory = subset(build_dataset(args.dataset, args.data_dir, "train", plain), args.subset)
     test = build_dataset(args.dataset, args.data_dir, "test", plain)
@@ -207,7 +208,8 @@ def run_data(args, recipe, device="cpu", views=2, split="train", to_input=None, 
     data.sampler = DistributedSampler(data.train, world, rank, seed=args.seed, drop_last=True)
     # workers restart each epoch, seeded from the main process's RNG: a resumed run draws the same
     data.loader = DataLoader(data.train, args.batch_size // world, sampler=data.sampler,
-                             drop_last=True, num_workers=args.workers, pin_memory=torch.device(device).type == "cuda")
+                             drop_last=True, num_workers=args.workers,
+                             pin_memory=torch.device(device).type == "cuda")
     return data
 
 

@@ -6,6 +6,7 @@ import argparse
 import copy
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -604,3 +605,17 @@ def test_two_processes_equal_one(ranks, method):
     for name in ("rows", "labels", "ptr", "centroids", "counts", "seen", "step"):
         if name in ranks[0][method]["memory"]:
             assert torch.equal(ranks[0][method]["memory"][name], ranks[1][method]["memory"][name])
+
+
+def test_reseed_cadence_beyond_1024_prototypes(monkeypatch):
+    """scikit-learn's counter grows by its _batch_size = min(1024, k) a call and checks at 10 k:
+    for k > 1024 every ceil(10 k / 1024) calls (shared spec nnclr_kmclr.md, 'Re-seeding': k = 1100
+    -> calls 11, 22), not every 10 as for k <= 1024."""
+    k, checks = 1100, []
+    model = SimpleNamespace(centroids=torch.rand(k, 2, dtype=f64), counts=torch.ones(k, dtype=f64),
+                            seen=torch.tensor(0), step=torch.tensor(1), rows=torch.rand(k, 2),
+                            ptr=torch.tensor(0), reset_steps=0, seed=0)
+    monkeypatch.setattr(m, "reseed_dead", lambda c, n, *a: checks.append(int(model.step)) or (c, n))
+    for _ in range(23):
+        m.kmeans_step(model, torch.rand(8, 2))
+    assert checks == [11, 22]

@@ -1,5 +1,7 @@
 """simclr_debiased.py end to end on a generated image folder with a tiny backbone: the run
 directory, exact resume, torchrun, Nozawa & Sato's flags, the defaults, every kind of bad input."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -21,7 +23,9 @@ TINY = ["--dataset", "folder", "--arch", "resnet18", "--width", "4", "--crop_siz
 @pytest.fixture(scope="module")
 def first_epoch(tmp_path_factory, image_folder):
     out = tmp_path_factory.mktemp("simclr") / "run"
-    sd.main([*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(out)])
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        sd.main([*TINY, "--data_dir", image_folder, "--epochs", "1", "--out_dir", str(out)])
+    (out / "stdout.txt").write_text(stdout.getvalue())
     return out
 
 
@@ -34,6 +38,9 @@ def test_run_directory(first_epoch):
     # average when the batch holds 4 per class, so fn_rate is near 0.2 (it varies with the draw)
     assert 0.1 < float(rows[0]["fn_rate"]) < 0.35 and 0 <= float(rows[0]["fn_rate_hard"]) <= 1
     assert 0 <= float(rows[0]["fn_weight"]) <= 1 and float(rows[0]["lr"]) == 1e-3
+    # DCL/HCL: the measured rate beside the prior tau_plus that stands for it
+    rate = float(rows[0]["fn_rate"])
+    assert f"--tau_plus 0.1: the measured fn_rate is {rate:.4f}\n" in (first_epoch / "stdout.txt").read_text()
     assert json.loads((first_epoch / "args.json").read_text())["beta"] == 1.0
     ckpt = torch.load(first_epoch / "last.pt", weights_only=True)
     assert ckpt["script"] == "simclr_debiased.py" and ckpt["epoch"] == 1 and len(ckpt["rng"]) == 1
