@@ -367,36 +367,42 @@ POSITIVE = ("lr", "temperature", "width", "crop_size", "knn_k", "knn_t", "featur
             "pred_dim", "embedding_dim")
 
 
+def resume_checkpoint(parser, argv, path, n_proc):
+    """(args, checkpoint, its checks) for --resume: the checkpoint's flags win over the defaults
+    and only MAY_CHANGE's may take new values; a damaged or foreign file is a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        parser.error(f"no checkpoint at {path}")
+    except Exception:  # random bytes, text, a truncated file, objects other than tensors
+        parser.error(f"{path} is not a checkpoint (not written by torch.save, or damaged)")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
+        parser.error(f"{path} is not a checkpoint of {parser.prog}")
+    missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
+               if k not in ckpt]
+    parser.set_defaults(**{**ckpt.get("args", {}), "out_dir": os.path.dirname(os.path.abspath(
+        path))})
+    args = parser.parse_args(argv)
+    changed = [f"--{k}" for k, v in ckpt.get("args", {}).items()
+               if k not in MAY_CHANGE and vars(args).get(k) != v]
+    return args, ckpt, [
+        (not missing, f"{path} lacks {', '.join(missing)}"),
+        (not changed, f"{', '.join(changed)}: a resumed run keeps the checkpoint's values (only "
+         f"--{', --'.join(MAY_CHANGE)} may change)"),
+        (missing or n_proc == len(ckpt["rng"]), f"{path} ran on {len(ckpt.get('rng', ()))} "
+         "process(es): resume it on as many"),
+        (missing or args.epochs > ckpt["epoch"], f"{path} has trained {ckpt.get('epoch')} "
+         "epochs: ask for more with --epochs")]
+
+
 def setup(parser, argv, rules):
     """(args, checkpoint or None, device, autocast dtype or None). Checks the flags (floats finite,
     ints >= 0, *_p in [0, 1], *momentum in [0, 1), POSITIVE > 0, the script's rules(args)) and
-    --resume's checkpoint (its flags win, but MAY_CHANGE's), joins the process group, seeds by
-    rank, writes args.json."""
+    --resume's checkpoint, joins the process group, seeds by rank, writes args.json."""
     args, ckpt, n_proc = parser.parse_args(argv), None, int(os.environ.get("WORLD_SIZE", 1))
+    checks = []
     if args.resume:
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            parser.error(f"no checkpoint at {args.resume}")
-        except Exception:  # random bytes, text, a truncated file, objects other than tensors
-            parser.error(f"{args.resume} is not a checkpoint (not written by torch.save, or "
-                         "damaged)")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != parser.prog:
-            parser.error(f"{args.resume} is not a checkpoint of {parser.prog}")
-        missing = [k for k in ("args", "epoch", "model", "optimizer", "scaler", "rng", "history")
-                   if k not in ckpt]
-        parser.set_defaults(**{**ckpt.get("args", {}), "out_dir": os.path.dirname(os.path.abspath(
-            args.resume))})
-        args = parser.parse_args(argv)
-        changed = [f"--{k}" for k, v in ckpt.get("args", {}).items()
-                   if k not in MAY_CHANGE and vars(args).get(k) != v]
-        rules = [(not missing, f"{args.resume} lacks {', '.join(missing)}"),
-                 (not changed, f"{', '.join(changed)}: a resumed run keeps the checkpoint's "
-                  f"values (only --{', --'.join(MAY_CHANGE)} may change)"),
-                 (missing or n_proc == len(ckpt["rng"]), f"{args.resume} ran on "
-                  f"{len(ckpt.get('rng', ()))} process(es): resume it on as many"),
-                 (missing or args.epochs > ckpt["epoch"], f"{args.resume} has trained "
-                  f"{ckpt.get('epoch')} epochs: ask for more with --epochs"), *rules(args)]
+        args, ckpt, checks = resume_checkpoint(parser, argv, args.resume, n_proc)
     for name, v in vars(args).items():  # the first rule a value breaks, by type and name
         need = next((rule for bad, rule in [
             (type(v) is float and not math.isfinite(v), "finite"),
@@ -406,9 +412,9 @@ def setup(parser, argv, rules):
             (name in POSITIVE and not v > 0, "> 0")] if bad), "")
         if need:
             parser.error(f"--{name} must be {need}, got {v}")
-    for ok, message in [*(rules if ckpt else rules(args)), (args.batch_size % n_proc == 0 and
-                        args.batch_size >= 2 * n_proc, "--batch_size must hold 2 or more images "
-                        f"for each of {n_proc} process(es)")]:
+    for ok, message in [*checks, *rules(args), (args.batch_size % n_proc == 0 and args.batch_size
+                        >= 2 * n_proc, "--batch_size must hold 2 or more images for each of "
+                        f"{n_proc} process(es)")]:
         if not ok:
             parser.error(message)
     cuda = torch.cuda.is_available()
