@@ -221,7 +221,7 @@ def train_one_epoch(net, data, optimizer, scaler, args, epoch, device, dtype):
         (x1, x2), labels, _ = common.batch_views(batch, data, device)
         steps.append(train_step(net, optimizer, scaler, x1, x2, labels, args, dtype))
     stats = epoch_stats(steps)
-    if args.tau_plus and stats["fn_rate"] != "" and rank() == 0:  # DCL's prior beside the truth
+    if args.tau_plus and stats.get("fn_rate", "") != "" and rank() == 0:  # DCL: prior vs truth
         print(f"--tau_plus {args.tau_plus}: the measured fn_rate is {stats['fn_rate']:.4f}")
     return {**stats, "lr": lr}
 
